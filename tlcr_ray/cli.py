@@ -1,0 +1,103 @@
+"""The `tlcr` command: one subcommand per stage, each reading a YAML config.
+
+    tlcr label      --config configs/demo.yaml [--set reviser.kind=openai ...]
+    tlcr sft        --config configs/demo.yaml
+    tlcr train-disc --config configs/demo.yaml
+    tlcr train-rm   --config configs/demo.yaml
+    tlcr ppo        --config configs/demo.yaml          # also: python -m tlcr_ray.cli ppo ... (ray job submit)
+    tlcr eval       disc|rm|mt-bench|alpaca-eval --config ...
+    tlcr serve      --checkpoint runs/demo/disc/model [--host 127.0.0.1 --port 8000]
+    tlcr pipeline   --config configs/demo.yaml [--force]
+    tlcr report     runs/demo
+
+This is the only module of `tlcr_ray` that reaches into the Ray layers (`actors`, `serve`), and only
+inside the subcommands that need them, so `tlcr label` never loads Ray.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from typing import Callable
+
+from tlcr_ray.config import ConfigError, load_config
+
+# subcommand -> (module, function, help). Functions take (cfg, args) and return a JSON-able summary.
+STAGES: dict[str, tuple[str, str, str]] = {
+    "label": ("tlcr_ray.label_stage", "run", "revise rejected responses and write Levenshtein token labels"),
+    "sft": ("actors.trainer", "run_sft", "supervised fine-tuning on chosen responses (Ray Train + DeepSpeed)"),
+    "train-disc": ("actors.trainer", "run_disc", "train the token-level discriminator on the labels"),
+    "train-rm": ("actors.trainer", "run_rm", "train the sequence-level Bradley-Terry reward model (baseline)"),
+    "ppo": ("actors.controller", "run", "PPO with token-level rewards on Ray actor groups"),
+    "pipeline": ("tlcr_ray.pipeline", "run", "every stage from one config, skipping finished ones"),
+}
+
+
+def _resolve(spec: tuple[str, str, str]) -> Callable:
+    module, func, _ = spec
+    return getattr(importlib.import_module(module), func)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML config (default: all defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set ppo.steps=3 (repeatable; values parse as YAML)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tlcr", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, spec in STAGES.items():
+        p = sub.add_parser(name, help=spec[2])
+        _add_config_args(p)
+        if name == "pipeline":
+            p.add_argument("--force", action="store_true", help="rerun stages whose output exists")
+    p = sub.add_parser("eval", help="evaluate: disc, rm, mt-bench or alpaca-eval")
+    p.add_argument("target", choices=["disc", "rm", "mt-bench", "alpaca-eval"])
+    _add_config_args(p)
+    p.add_argument("--model", help="model folder to evaluate (mt-bench / alpaca-eval)")
+    p.add_argument("--judge-base-url", help="OpenAI-compatible judge endpoint")
+    p.add_argument("--judge-model", help="judge model name")
+    p.add_argument("--limit", type=int, help="evaluate only the first N questions")
+    p = sub.add_parser("serve", help="serve the discriminator as an HTTP token-reward API (Ray Serve)")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", help="discriminator folder (default: <output_dir>/disc/model)")
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    p = sub.add_parser("report", help="plots, token heat-map and report.md for a run folder")
+    p.add_argument("run_dir")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "report":
+            from tlcr_ray.report import write_report
+
+            summary = write_report(args.run_dir)
+        else:
+            cfg = load_config(args.config, args.overrides)
+            if args.command == "eval":
+                module = {"disc": "tlcr_ray.evaluate", "rm": "tlcr_ray.evaluate"}.get(args.target, "tlcr_ray.bench_eval")
+                summary = importlib.import_module(module).run_cli(cfg, args)
+            elif args.command == "serve":
+                from serve.app import run_cli
+
+                summary = run_cli(cfg, args)
+            else:
+                summary = _resolve(STAGES[args.command])(cfg, args)
+    except ConfigError as exc:
+        print(f"tlcr: config error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tlcr: interrupted; finished work is kept and a rerun resumes", file=sys.stderr)
+        return 130
+    if summary is not None:
+        print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
