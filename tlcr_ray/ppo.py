@@ -1,0 +1,111 @@
+"""PPO math on dense token-level rewards (pure torch; every tensor is [batch, R] over response tokens).
+
+    kl = kl_penalty(old_logprobs, ref_logprobs)                    # k1: log pi - log pi_ref
+    R = shaped_rewards(token_rewards, kl, response_mask, kl_coef)  # R_t = r_t - beta * KL_t
+    adv, ret = gae(R, old_values, response_mask, gamma=1.0, lam=0.95)
+    adv = masked_whiten(adv, response_mask)
+    loss, clipfrac, approx_kl = policy_loss(logprobs, old_logprobs, adv, response_mask, 0.2)
+
+Index t everywhere is the action index: response token t, its log-prob (read from the logits one
+column earlier), the value of the state before it, its reward and its KL. No one-token lag.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1.0)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Normalize [batch, R] to zero mean, unit variance over valid tokens only; padding stays 0."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    white = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        white = white + mean
+    return white * mask
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """[batch, R] sampled-token log-probs under the policy and the reference -> [batch, R] KL estimate.
+
+    k1: log pi - log pi_ref (unbiased, can be negative; the paper's choice);
+    k3: exp(ref - log pi) - (ref - log pi) - 1 (non-negative, lower variance).
+    Use `full_kl` for the exact KL over the vocabulary.
+    """
+    log_ratio = logprobs.float() - ref_logprobs.float()
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"kl estimator {estimator!r}: expected k1, k3 (or use full_kl for 'full')")
+
+
+def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """[batch, R, vocab] policy and reference logits for each action -> [batch, R] KL(pi || pi_ref)."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    ref_logp = F.log_softmax(ref_logits.float() / temperature, dim=-1)
+    return (logp.exp() * (logp - ref_logp)).sum(-1)
+
+
+def shaped_rewards(token_rewards: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
+                   kl_coef: float) -> torch.Tensor:
+    """R_t = r_t - beta * KL_t on response tokens, 0 on padding. [batch, R] each."""
+    return (token_rewards.float() - kl_coef * kl.float()) * mask
+
+
+@torch.no_grad()
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation over right-padded response tokens.
+
+    rewards, values, mask: [batch, R]; values[:, t] = V(state before action t). The value after the
+    last action is 0 (episode ends). Returns (advantages, returns), both [batch, R], 0 on padding.
+    """
+    mask = mask.float()
+    rewards, values = rewards.float() * mask, values.float() * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        # Padding has zero reward and value, so `running` is 0 when it reaches a row's last token.
+        running = delta + gamma * lam * running
+        advantages[:, t] = running
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, clip_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clipped surrogate, token-mean over valid tokens. [batch, R] inputs -> (loss, clip fraction, approx KL)."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clipfrac = masked_mean((clipped > unclipped).float(), mask)
+    approx_kl = masked_mean(0.5 * log_ratio ** 2, mask)
+    return loss, clipfrac.detach(), approx_kl.detach()
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss 0.5 * max((v - R)^2, (v_clipped - R)^2), token-mean. -> (loss, clip fraction)."""
+    clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
+    loss_unclipped = (values - returns) ** 2
+    loss_clipped = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(loss_unclipped, loss_clipped), mask)
+    clipfrac = masked_mean((loss_clipped > loss_unclipped).float(), mask)
+    return loss, clipfrac.detach()
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """[batch, R, vocab] -> [batch, R] entropy of the categorical distribution."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
