@@ -190,6 +190,52 @@ class ServeConfig:
 
 
 @dataclass
+class EvalConfig:
+    """`tlcr eval mt-bench|alpaca-eval`: HF generation on CPU, then an OpenAI-compatible judge."""
+
+    model: str | None = None
+    """Model folder to evaluate (the CLI's --model wins)."""
+    judge_base_url: str | None = None
+    """OpenAI-compatible judge endpoint (None: OpenAI)."""
+    judge_model: str = "gpt-4"
+    """Judge model name (the MT-Bench and TLCR papers use GPT-4)."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable that holds the judge's API key; the key is never written anywhere."""
+    max_concurrency: int = 8
+    timeout_s: float = 120.0
+    max_retries: int = 5
+    """The SDK's own retries on 429/5xx/timeouts (exponential backoff, honours Retry-After)."""
+    judge_max_tokens: int = 2048
+    max_new_tokens: int = 512
+    """Answer length limit per turn."""
+    batch_size: int = 8
+    temperature: float = 0.0
+    """0: greedy decoding."""
+    limit: int | None = None
+    """Evaluate only the first N questions (the CLI's --limit wins)."""
+    mt_bench_dir: str | None = None
+    """MT-Bench folder (None: the copy in the repo's data/mt-bench)."""
+    alpaca_reference: str | None = None
+    """AlpacaEval reference outputs (None: data/alpaca-eval/gpt4_1106_preview_outputs.json)."""
+    seed: int = 0
+    """Seeds the A/B order of the pairwise judge (and sampling when temperature > 0)."""
+
+
+@dataclass
+class PipelineConfig:
+    """`tlcr pipeline`: every stage from one config; a stage whose output exists is skipped."""
+
+    ppo_modes: list[str] = field(default_factory=lambda: ["continuous", "sequence", "fixed"])
+    """PPO runs to compare: TLCR (continuous), PPO-seq (sequence) and TLCR-fixed."""
+    eval_prompts: int = 16
+    """Held-out RL prompts for the report's reward table (SFT vs each PPO policy)."""
+    eval_seeds: list[int] = field(default_factory=lambda: [0])
+    """Sampling seeds of the report's reward table."""
+    heatmap_samples: int = 4
+    """Responses (and labelled pairs) shown in the HTML token heat-map."""
+
+
+@dataclass
 class Config:
     output_dir: str = "runs/demo"
     """Run folder: every stage writes into its own subfolder here."""
@@ -203,6 +249,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def stage_dir(self, stage: str) -> Path:
         return Path(self.output_dir) / stage
