@@ -21,7 +21,7 @@ import json
 import sys
 from typing import Callable
 
-from tlcr_ray.config import ConfigError, load_config
+from tlcr_ray.config import Config, ConfigError, load_config
 
 # subcommand -> (module, function, help). Functions take (cfg, args) and return a JSON-able summary.
 STAGES: dict[str, tuple[str, str, str]] = {
@@ -30,7 +30,6 @@ STAGES: dict[str, tuple[str, str, str]] = {
     "train-disc": ("actors.trainer", "run_disc", "train the token-level discriminator on the labels"),
     "train-rm": ("actors.trainer", "run_rm", "train the sequence-level Bradley-Terry reward model (baseline)"),
     "ppo": ("actors.controller", "run", "PPO with token-level rewards on Ray actor groups"),
-    "pipeline": ("tlcr_ray.pipeline", "run", "every stage from one config, skipping finished ones"),
 }
 
 
@@ -49,10 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tlcr", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, spec in STAGES.items():
-        p = sub.add_parser(name, help=spec[2])
-        _add_config_args(p)
-        if name == "pipeline":
-            p.add_argument("--force", action="store_true", help="rerun stages whose output exists")
+        _add_config_args(sub.add_parser(name, help=spec[2]))
+    p = sub.add_parser("pipeline", help="every stage from one config, skipping finished ones")
+    _add_config_args(p)
+    p.add_argument("--force", action="store_true", help="rerun stages whose output exists")
     p = sub.add_parser("eval", help="evaluate: disc, rm, mt-bench or alpaca-eval")
     p.add_argument("target", choices=["disc", "rm", "mt-bench", "alpaca-eval"])
     _add_config_args(p)
@@ -68,6 +67,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="plots, token heat-map and report.md for a run folder")
     p.add_argument("run_dir")
     return parser
+
+
+def run_stage(command: str, cfg: Config, args: argparse.Namespace | None = None) -> dict | None:
+    """Run one stage by its CLI name; `eval-disc`/`eval-rm` and `report` are the pipeline's extra names."""
+    args = args or argparse.Namespace(target=None, model=None, judge_base_url=None, judge_model=None, limit=None)
+    if command in STAGES:
+        return _resolve(STAGES[command])(cfg, args)
+    if command in ("eval-disc", "eval-rm"):
+        from tlcr_ray.evaluate import run_cli
+
+        args.target = command.split("-", 1)[1]
+        return run_cli(cfg, args)
+    if command == "report":
+        from tlcr_ray.report import write_report
+
+        return write_report(cfg.output_dir)
+    raise ValueError(f"unknown stage {command!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,8 +102,12 @@ def main(argv: list[str] | None = None) -> int:
                 from serve.app import run_cli
 
                 summary = run_cli(cfg, args)
+            elif args.command == "pipeline":
+                from tlcr_ray.pipeline import run as run_pipeline
+
+                summary = run_pipeline(cfg, run_stage, force=args.force)
             else:
-                summary = _resolve(STAGES[args.command])(cfg, args)
+                summary = run_stage(args.command, cfg, args)
     except ConfigError as exc:
         print(f"tlcr: config error: {exc}", file=sys.stderr)
         return 2
