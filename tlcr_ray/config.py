@@ -110,6 +110,11 @@ class TrainConfig:
     eval_fraction: float = 0.1
     """Held-out share of the stage's pairs for evaluation."""
     seed: int = 0
+    max_grad_norm: float = 1.0
+    max_failures: int = 1
+    """Worker crashes Ray Train recovers from (restarting from the latest checkpoint)."""
+    labels_path: str | None = None
+    """Discriminator only: token labels JSONL (None: `<output_dir>/label/labels.jsonl`)."""
 
 
 @dataclass
@@ -162,7 +167,14 @@ class PPOConfig:
     vllm_tensor_parallel: int = 1
     vllm_memory_utilization: float = 0.5
     zero_stage: int = 2
+    max_grad_norm: float = 1.0
+    entropy_coef: float = 0.0
+    """Entropy bonus in the policy loss (the paper uses none)."""
+    whiten_advantages: bool = True
     checkpoint_every: int = 5
+    keep_checkpoints: int = 2
+    sync_check: bool = True
+    """After each weight sync, compare the rollout's log-probs of one sequence with the learner's (logged)."""
     resume: str = "auto"
     """auto (continue from the last checkpoint if any) or never."""
     max_failures: int = 3
@@ -181,12 +193,33 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     max_items: int = 64
+    """Items (or /get_reward queries) per request; more is a 413."""
     max_chars: int = 20000
+    """Characters per item (prompt + response, or the whole query); more is a 413."""
     max_tokens: int = 1024
+    """Tokens per item (prompt + response, no truncation); more is a 413."""
+    max_body_bytes: int = 8 * 1024 * 1024
+    """Request body size; more is a 413 before any parsing."""
     max_batch_size: int = 16
+    """Items per forward pass (`@serve.batch`)."""
     batch_wait_timeout_s: float = 0.01
+    max_ongoing_requests: int = 64
+    """Items in flight per scorer replica; must be >= max_batch_size or batches are capped by it."""
     sequence_score: str = "sum"
     """How /get_reward reduces token rewards to one score: sum or mean."""
+    mode: str = "continuous"
+    """Token-reward mode of /get_reward: continuous, fixed, no_negative or no_positive."""
+    dtype: str = "float32"
+    api_key_env: str = "TLCR_API_KEY"
+    """Environment variable (in the serving processes) holding the bearer token; unset: no auth."""
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 32.0
+    """Autoscaling target: items in flight per scorer replica."""
+    num_cpus: float = 1.0
+    """CPUs per scorer replica (torch uses this many threads)."""
+    num_gpus: float = 0.0
+    """GPUs per scorer replica (> 0 puts the model on cuda)."""
 
 
 @dataclass
@@ -249,6 +282,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def stage_dir(self, stage: str) -> Path:
