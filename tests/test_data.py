@@ -107,14 +107,17 @@ def test_formats_agree(tmp_path):
     assert strip[0] == strip[1] == strip[2] and len(strip[0]) == 5
 
 
-def test_hub_id_needs_datasets():
+def test_hub_id(tmp_path):
+    """`hf:<id>` goes through `datasets` (a local folder stands in for a hub id, offline)."""
     try:
         import datasets  # noqa: F401
     except ImportError:
         with pytest.raises(DataError, match="needs the `datasets` package"):
             load_pairs("hf:Anthropic/hh-rlhf")
-    else:
-        pytest.skip("datasets is installed; the clear-error path cannot be reached")
+        return
+    write_jsonl(tmp_path / "test.jsonl", [{"chosen": f"{H} q{A} yes", "rejected": f"{H} q{A} no"}])
+    pairs, skipped = load_pairs(f"hf:{tmp_path}", hub_split="test")
+    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [(f"{H} q{A}", " yes", " no")] and not skipped
 
 
 def test_partition_is_seeded_exact_and_stable():

@@ -103,7 +103,7 @@ def _parquet_rows(path: str) -> Iterator[tuple[int, dict]]:
     import pyarrow.parquet as pq
 
     row_no = 0
-    for batch in pq.ParquetFile(path).iter_batches(columns=None):
+    for batch in pq.ParquetFile(path).iter_batches():
         for row in batch.to_pylist():
             row_no += 1
             yield row_no, row
