@@ -1,0 +1,189 @@
+"""Ray Serve application: a FastAPI ingress over a dynamically batched discriminator (DESIGN §6).
+
+    tlcr serve --checkpoint runs/demo/disc/model [--host 127.0.0.1 --port 8000]     # blocks until Ctrl-C
+    TLCR_CHECKPOINT=runs/demo/disc/model serve run deploy/serve.yaml
+
+    curl -s 127.0.0.1:8000/v1/token-rewards -H 'content-type: application/json' \\
+         -d '{"items": [{"prompt": "\\n\\nHuman: hi\\n\\nAssistant:", "response": " Hello!"}]}'
+
+Two deployments: `TokenRewardAPI` (HTTP, validation, auth, limits, tokenization) sends one call per
+item to `Scorer`, whose `@serve.batch` method runs one forward pass over up to `max_batch_size`
+items from any requests. Scores come from `tlcr_ray.scoring`, the library's own scoring path.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serve.limits import Limits
+from serve.metrics import ScorerMetrics
+from serve.schemas import ModelInfo
+from tlcr_ray.config import Config, ConfigError, RewardConfig, ServeConfig, load_config
+from tlcr_ray.scoring import MODES, ItemScore, item_score, response_probabilities
+from tlcr_ray.tokens import Encoded
+
+APP_NAME = "tlcr"
+
+
+@serve.deployment
+class Scorer:
+    """Holds the discriminator; batches items across requests into one forward pass."""
+
+    def __init__(self, checkpoint: str, tokenizer: str, serve_cfg: ServeConfig, reward_cfg: RewardConfig):
+        import torch
+
+        from tlcr_ray.models import TokenDiscriminator, load_head_model, load_tokenizer
+
+        model = load_head_model(checkpoint, dtype=serve_cfg.dtype)
+        if not isinstance(model, TokenDiscriminator):
+            raise ValueError(f"{checkpoint}: a {type(model).__name__}, not a token discriminator")
+        # Ray sets CUDA_VISIBLE_DEVICES per replica: a GPU is visible only when num_gpus > 0.
+        self.model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+        self.pad_token_id = load_tokenizer(tokenizer).pad_token_id
+        self.thresholds = (reward_cfg.fixed_pos_threshold, reward_cfg.fixed_neg_threshold)
+        self.metrics = ScorerMetrics()
+        self.score_batch.set_max_batch_size(serve_cfg.max_batch_size)
+        self.score_batch.set_batch_wait_timeout_s(serve_cfg.batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def score_batch(self, requests: list[tuple[str, Encoded, str]]) -> list[ItemScore]:
+        encoded = [enc for _, enc, _ in requests]
+        # A thread keeps the replica's event loop collecting the next batch while this one runs.
+        probs = await asyncio.to_thread(response_probabilities, self.model, encoded, self.pad_token_id)
+        self.metrics.observe(len(requests), sum(len(enc.input_ids) for enc in encoded))
+        return [item_score(response, enc, p, mode, *self.thresholds)
+                for (response, enc, mode), p in zip(requests, probs)]
+
+    async def score(self, response: str, encoded: Encoded, mode: str) -> ItemScore:
+        return await self.score_batch((response, encoded, mode))
+
+
+@serve.deployment
+@serve.ingress()
+class TokenRewardAPI:
+    """HTTP face: everything but the forward pass. Auth key read from this replica's environment."""
+
+    def __init__(self, scorer: DeploymentHandle, checkpoint: str, tokenizer: str, serve_cfg: ServeConfig):
+        from tlcr_ray.models import load_tokenizer
+
+        self.scorer = scorer
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.pad_token = self.tokenizer.pad_token
+        self.api_key = os.environ.get(serve_cfg.api_key_env) or None
+        self.limits = Limits(serve_cfg.max_items, serve_cfg.max_chars, serve_cfg.max_tokens, serve_cfg.max_body_bytes)
+        self.sequence_score = serve_cfg.sequence_score
+        self.get_reward_mode = serve_cfg.mode
+        self.info = ModelInfo(
+            checkpoint=checkpoint, tokenizer=tokenizer,
+            model_class="TokenDiscriminator", modes=list(MODES), default_mode="continuous",
+            sequence_score=serve_cfg.sequence_score, max_items=serve_cfg.max_items, max_chars=serve_cfg.max_chars,
+            max_tokens=serve_cfg.max_tokens, max_body_bytes=serve_cfg.max_body_bytes,
+            max_batch_size=serve_cfg.max_batch_size, auth=self.api_key is not None)
+
+    def __serve_build_asgi_app__(self):
+        from serve.routes import build_fastapi_app
+
+        return build_fastapi_app(self)
+
+    async def score(self, response: str, encoded: Encoded, mode: str) -> ItemScore:
+        return await self.scorer.score.remote(response, encoded, mode)
+
+
+def resolve_checkpoint(cfg: Config, checkpoint: str | None = None) -> str:
+    path = Path(checkpoint or cfg.serve.checkpoint or cfg.stage_dir("disc") / "model")
+    if not (path / "head.json").exists():
+        raise ConfigError(f"serve.checkpoint: {path} is not a discriminator folder (no head.json); "
+                          "train one with `tlcr train-disc` or pass --checkpoint DIR")
+    return str(path.resolve())
+
+
+def resolve_tokenizer(cfg: Config, checkpoint: str) -> str:
+    """The checkpoint's own tokenizer (save_head_model writes it), else model.tokenizer, else model.base's."""
+    if (Path(checkpoint) / "tokenizer_config.json").exists():
+        return checkpoint
+    from tlcr_ray.models import resolve_model
+
+    return resolve_model(cfg.model.tokenizer or cfg.model.base)
+
+
+def validate(serve_cfg: ServeConfig) -> None:
+    if serve_cfg.sequence_score not in ("sum", "mean"):
+        raise ConfigError(f"serve.sequence_score: expected sum or mean, got {serve_cfg.sequence_score!r}")
+    if serve_cfg.mode not in MODES:
+        raise ConfigError(f"serve.mode: expected one of {', '.join(MODES)}, got {serve_cfg.mode!r}")
+    if serve_cfg.max_ongoing_requests < serve_cfg.max_batch_size:
+        raise ConfigError(f"serve.max_ongoing_requests={serve_cfg.max_ongoing_requests} would cap batches below "
+                          f"serve.max_batch_size={serve_cfg.max_batch_size}")
+    if not 1 <= serve_cfg.min_replicas <= serve_cfg.max_replicas:
+        raise ConfigError(f"serve.min_replicas/max_replicas: need 1 <= min <= max, got "
+                          f"{serve_cfg.min_replicas}, {serve_cfg.max_replicas}")
+
+
+def build_application(cfg: Config, checkpoint: str | None = None, ingress_env: dict[str, str] | None = None):
+    """The bound Serve application for `cfg` (serve section + reward thresholds).
+
+    `ingress_env` adds environment variables to the ingress replica only (e.g. the API key in tests).
+    """
+    validate(cfg.serve)
+    checkpoint = resolve_checkpoint(cfg, checkpoint)
+    tokenizer = resolve_tokenizer(cfg, checkpoint)
+    s = cfg.serve
+    scorer = Scorer.options(
+        max_ongoing_requests=s.max_ongoing_requests,
+        autoscaling_config={"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
+                            "target_ongoing_requests": s.target_ongoing_requests},
+        ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
+    ).bind(checkpoint, tokenizer, s, cfg.reward)
+    ingress_options = {"num_cpus": 0}
+    if ingress_env:
+        ingress_options["runtime_env"] = {"env_vars": dict(ingress_env)}
+    # Each HTTP request fans out into per-item calls, so the ingress must hold many requests at once.
+    return TokenRewardAPI.options(max_ongoing_requests=max(256, s.max_items * 4),
+                                  ray_actor_options=ingress_options).bind(scorer, checkpoint, tokenizer, s)
+
+
+def build_app(args: dict):
+    """Serve app builder for `serve run deploy/serve.yaml` (import_path serve.app:build_app).
+
+    args: `config` (YAML, optional), `overrides` (list of key=value), `checkpoint`
+    (default: $TLCR_CHECKPOINT, then serve.checkpoint, then <output_dir>/disc/model).
+    """
+    known = {"config", "overrides", "checkpoint"}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ConfigError(f"serve.yaml args: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    cfg = load_config(args.get("config"), list(args.get("overrides") or []))
+    return build_application(cfg, args.get("checkpoint") or os.environ.get("TLCR_CHECKPOINT"))
+
+
+def run_cli(cfg: Config, args) -> dict:
+    """`tlcr serve`: start (or join) Ray, deploy, block until Ctrl-C, then shut Serve down."""
+    import ray
+
+    cfg.serve = replace(cfg.serve, host=args.host or cfg.serve.host, port=args.port or cfg.serve.port)
+    checkpoint = resolve_checkpoint(cfg, args.checkpoint)
+    application = build_application(cfg, checkpoint)
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init()
+        else:  # a fresh local Ray listens on loopback only
+            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.run(application, name=APP_NAME, route_prefix="/")
+    url = f"http://{cfg.serve.host}:{cfg.serve.port}"
+    print(f"tlcr serve: {url}/v1/token-rewards, {url}/get_reward, docs at {url}/docs (Ctrl-C stops)", flush=True)
+    began = time.time()
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+    return {"url": url, "checkpoint": checkpoint, "served_s": round(time.time() - began, 1)}

@@ -1,0 +1,88 @@
+"""Request and response bodies of the token-reward API (they make its OpenAPI schema).
+
+Unknown fields are rejected (422) so a typo never silently changes what gets scored.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Mode = Literal["continuous", "fixed", "no_negative", "no_positive"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Item(Strict):
+    prompt: str = Field(description="The conversation so far; may be empty.")
+    response: str = Field(min_length=1, description="The text to score, token by token.")
+
+
+class TokenRewardsRequest(Strict):
+    items: list[Item] = Field(min_length=1, description="At most `max_items` (GET /v1/model).")
+    mode: Mode = Field("continuous", description="continuous: 2p-1; fixed: +1/-1/0 by thresholds; "
+                                                 "no_negative / no_positive: the ablations.")
+
+
+class TokenOut(BaseModel):
+    id: int
+    text: str = Field(description="response[start:end]; byte pieces of one character share its span")
+    start: int = Field(description="character offset in the response")
+    end: int
+    p: float = Field(description="discriminator probability that the token is good")
+    reward: float
+
+
+class ItemOut(BaseModel):
+    tokens: list[TokenOut]
+    sum: float
+    mean: float
+
+
+class TokenRewardsResponse(BaseModel):
+    model: str = Field(description="checkpoint folder that scored the items")
+    mode: Mode
+    items: list[ItemOut]
+
+
+class GetRewardRequest(Strict):
+    """OpenRLHF's remote reward-model request: `query` is prompt + response, decoded with special tokens."""
+
+    query: list[str] = Field(min_length=1)
+    prompts: list[str] = Field(description="The prompt of each query, a prefix of it.")
+    labels: list[Any] | None = Field(None, description="Accepted and ignored.")
+
+
+class GetRewardResponse(BaseModel):
+    rewards: list[float] = Field(description="sequence score per query: sum or mean of its token rewards")
+    scores: list[float] = Field(description="the same as rewards")
+    extra_logs: dict[str, list[float]] = Field(description="per-query mean_token_reward and num_tokens")
+
+
+class ModelInfo(BaseModel):
+    checkpoint: str
+    tokenizer: str
+    model_class: str
+    modes: list[str]
+    default_mode: str
+    sequence_score: str
+    max_items: int
+    max_chars: int
+    max_tokens: int
+    max_body_bytes: int
+    max_batch_size: int
+    auth: bool
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+    errors: list[dict[str, Any]] | None = None
+
+
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 422)}
