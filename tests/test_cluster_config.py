@@ -202,3 +202,39 @@ def test_rayjob_manifest_validates_and_runs_ppo_with_autoscaled_gpus(secret):
     assert RuntimeEnv(**runtime_env)["env_vars"]["RAY_AUTH_MODE"] == "token"
     _assert_token_from_secret(spec["submitterPodTemplate"]["spec"]["containers"][0]["env"], secret)
     _assert_autoscaled_gpu_cluster(spec["rayClusterSpec"], secret)
+
+
+def _serve_applications(config: dict) -> dict[str, dict]:
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate(config)  # Ray's own check of a Serve config file
+    return {app["name"]: app for app in config["applications"]}
+
+
+def test_rayservice_manifest_validates_and_serves_the_token_reward_api(secret):
+    doc = _load(KUBERAY / "rayservice.yaml")
+    assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayService")
+    _crd_spec_validator("rayservices").validate(doc["spec"])
+    _assert_autoscaled_gpu_cluster(doc["spec"]["rayClusterConfig"], secret)
+    for container in _ray_containers(doc["spec"]["rayClusterConfig"]):
+        assert {"name": "TLCR_API_KEY", "valueFrom": {"secretKeyRef": {"name": "tlcr-ray-auth", "key": "api_key"}}} \
+            in container["env"], "the API's bearer key must come from the Secret"
+    (app,) = _serve_applications(yaml.safe_load(doc["spec"]["serveConfigV2"])).values()
+    # The overrides are real config keys with values the Serve app accepts, and ask for a GPU.
+    from serve.app import validate
+    from tlcr_ray.config import load_config
+
+    cfg = load_config(REPO / "configs" / Path(app["args"]["config"]).name, app["args"]["overrides"])
+    validate(cfg.serve)
+    assert cfg.serve.num_gpus >= 1
+
+
+def test_rayservice_serves_the_same_application_as_deploy_serve_yaml():
+    local = _serve_applications(_load(REPO / "deploy" / "serve.yaml"))
+    service = _serve_applications(yaml.safe_load(_load(KUBERAY / "rayservice.yaml")["spec"]["serveConfigV2"]))
+    assert local.keys() == service.keys()
+    for name, app in service.items():
+        for key in ("import_path", "route_prefix"):
+            assert app.get(key) == local[name].get(key), f"{name}.{key} differs from deploy/serve.yaml"
+        # Paths and sizes differ between a laptop and the cluster; which args exist must not.
+        assert set(app.get("args", {})) <= set(local[name].get("args", {})) | {"config", "checkpoint", "overrides"}
