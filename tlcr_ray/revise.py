@@ -341,22 +341,24 @@ async def revise_all_async(pairs: Sequence[PairLike], reviser: Reviser, cache: R
             todo[key] = pair
     fresh: dict[str, RevisionResult] = {}
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
-    semaphore = asyncio.Semaphore(max_concurrency)
     bar = tqdm(total=len(todo), desc=f"revise ({getattr(reviser, 'name', 'reviser')})", unit="pair",
                disable=not progress or not todo)
+    pending = iter(todo.items())
 
-    async def one(key: str, pair: PairLike) -> None:
-        async with semaphore:
+    async def worker() -> None:
+        # `max_concurrency` workers share one iterator: at most that many requests are in flight,
+        # and memory stays flat however many pairs there are (no task per pair).
+        for key, pair in pending:
             result = await reviser.revise(pair)
-        for name in usage:
-            usage[name] += result.usage.get(name, 0)
-        if result.cacheable:
-            cache.add(result)
-        fresh[key] = result
-        bar.update(1)
+            for name in usage:
+                usage[name] += result.usage.get(name, 0)
+            if result.cacheable:
+                cache.add(result)
+            fresh[key] = result
+            bar.update(1)
 
     try:
-        await asyncio.gather(*(one(k, p) for k, p in todo.items()))
+        await asyncio.gather(*(worker() for _ in range(min(max_concurrency, len(todo)))))
     finally:
         bar.close()
         await reviser.aclose()
