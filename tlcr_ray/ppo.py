@@ -109,3 +109,18 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """[batch, R, vocab] -> [batch, R] entropy of the categorical distribution."""
     logp = F.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1)
+
+
+def advantages_from_rollout(rewards: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                            values: torch.Tensor, mask: torch.Tensor, *, kl_coef: float, gamma: float,
+                            lam: float, kl_estimator: str = "k1", whiten: bool = True) -> dict[str, torch.Tensor]:
+    """The controller's step between scoring and the update; every tensor [batch, R].
+
+    -> {"kl", "shaped_rewards", "advantages" (whitened if asked), "returns"}.
+    """
+    kl = kl_penalty(logprobs, ref_logprobs, kl_estimator) * mask
+    shaped = shaped_rewards(rewards, kl, mask, kl_coef)
+    advantages, returns = gae(shaped, values, mask, gamma, lam)
+    if whiten:
+        advantages = masked_whiten(advantages, mask)
+    return {"kl": kl, "shaped_rewards": shaped, "advantages": advantages, "returns": returns}

@@ -69,6 +69,15 @@ def pack(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int
     return PackedBatch(input_ids, attention_mask, input_ids[:, P:].clone(), response_mask, P)
 
 
+def select_rows(packed: PackedBatch, rows) -> PackedBatch:
+    """The given rows (None: all) of a packed batch; P and R stay those of the whole batch."""
+    if rows is None:
+        return packed
+    rows = list(rows)
+    return PackedBatch(packed.input_ids[rows], packed.attention_mask[rows], packed.response_ids[rows],
+                       packed.response_mask[rows], packed.prompt_len)
+
+
 def response_logits(logits: torch.Tensor, packed: PackedBatch) -> torch.Tensor:
     """[batch, P + R, vocab] causal-LM logits -> [batch, R, vocab] predicting each response token."""
     P, R = packed.prompt_len, packed.response_ids.shape[1]
@@ -139,3 +148,31 @@ class HFRollout:
         packed = pack(prompt_ids, response_ids, self.pad_id)
         logp = policy_logprobs(self.model, packed)
         return [row[:len(r)] for row, r in zip(logp.tolist(), response_ids)]
+
+
+def resolve_backend(backend: str) -> str:
+    """`auto` -> vllm when importable, else hf; anything else must be hf or vllm."""
+    if backend == "auto":
+        import importlib.util
+
+        return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+    if backend not in ("hf", "vllm"):
+        raise ValueError(f"ppo.rollout_backend {backend!r}: expected hf, vllm or auto")
+    return backend
+
+
+def make_engine(backend: str, model_dir: str, *, dtype: str = "float32", device: str = "cpu",
+                gpu_memory_utilization: float = 0.5, tensor_parallel_size: int = 1, seed: int = 0) -> RolloutEngine:
+    if resolve_backend(backend) == "vllm":
+        from tlcr_ray.vllm_rollout import VLLMRollout
+
+        return VLLMRollout(model_dir, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
+                           tensor_parallel_size=tensor_parallel_size, seed=seed)
+    return HFRollout(model_dir, dtype=dtype, device=device)
+
+
+def encode_prompts(tokenizer, prompts: list[str], max_prompt_len: int | None) -> list[list[int]]:
+    """Prompt token ids exactly as `tokens.encode_prompt_response` splits them (left-truncated)."""
+    from tlcr_ray.tokens import encode_prompt_response
+
+    return [encode_prompt_response(tokenizer, p, "", max_prompt_len=max_prompt_len).prompt_ids for p in prompts]

@@ -1,0 +1,298 @@
+"""PPO controller: owns the loop, creates the actor groups, checkpoints, and survives lost actors.
+
+    tlcr ppo --config configs/demo.yaml [--set reward.mode=sequence]
+    ray job submit --working-dir . -- python -m tlcr_ray.cli ppo --config configs/tiny.yaml
+
+A step: prompts -> rollout -> (reward || reference || learner old log-probs/values) -> advantages
+-> learner update -> weights to the rollout actors. The batch and the tensors travel as object refs,
+each put once. Writes <output_dir>/ppo-<mode>/{metrics.jsonl, tb/, checkpoints/, model}.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+from ray.exceptions import RayActorError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from tqdm import tqdm
+
+from actors.learner import LearnerGroup
+from actors.reference import Reference
+from actors.reward import RewardScorer
+from actors.rollout import Rollout
+from tlcr_ray.config import ConfigError, Config
+from tlcr_ray.ppo import advantages_from_rollout, masked_mean
+from tlcr_ray.rewards import MODES
+from tlcr_ray.rollout import RolloutBatch, encode_prompts
+from tlcr_ray.run_state import CheckpointDir, MetricsLog, read_json, write_json_atomic
+
+ACTOR_LOST = (RayActorError,)  # ActorDiedError and ActorUnavailableError are subclasses
+
+
+def _bundle(res) -> dict:
+    bundle = {"CPU": res.num_cpus, **res.resources}
+    if res.num_gpus:
+        bundle["GPU"] = res.num_gpus
+    return bundle
+
+
+class ActorGroups:
+    """Rollout, reward, reference and learner actors, each group on its own PACKed placement group."""
+
+    def __init__(self, cfg: Config, policy_dir: str, rollout_dir: str, reward_dir: str):
+        ppo = cfg.ppo
+        self.pgs = {}
+        for name in ("rollout", "reward", "reference", "learner"):
+            res = getattr(ppo, name)
+            pg = placement_group([_bundle(res)] * res.num_actors, strategy="PACK", name=f"tlcr-ppo-{name}")
+            if not pg.wait(timeout_seconds=300):
+                remove_placement_group(pg)
+                raise RuntimeError(f"ppo.{name}: cannot place {res.num_actors} x {_bundle(res)} on this cluster "
+                                   f"(available: {ray.available_resources()})")
+            self.pgs[name] = pg
+
+        def opts(name: str, i: int) -> dict:
+            res = getattr(ppo, name)
+            return {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus, "resources": res.resources or None,
+                    "scheduling_strategy": PlacementGroupSchedulingStrategy(self.pgs[name], placement_group_bundle_index=i)}
+
+        dtype = cfg.model.dtype
+        self.rollouts = [Rollout.options(**opts("rollout", i)).remote(
+            rollout_dir, ppo.rollout_backend, dtype, ppo.vllm_memory_utilization, ppo.vllm_tensor_parallel, ppo.seed + i)
+            for i in range(ppo.rollout.num_actors)]
+        self.scorers = [RewardScorer.options(**opts("reward", i)).remote(reward_dir, cfg.reward, dtype)
+                        for i in range(ppo.reward.num_actors)]
+        self.references = [Reference.options(**opts("reference", i)).remote(policy_dir, dtype, ppo.temperature)
+                           for i in range(ppo.reference.num_actors)]
+        self.learners = LearnerGroup(policy_dir, ppo, dtype, self.pgs["learner"])
+
+    def actors(self) -> dict[str, list]:
+        return {"rollout": self.rollouts, "reward": self.scorers, "reference": self.references,
+                "learner": self.learners.workers}
+
+    def shutdown(self) -> None:
+        for group in self.actors().values():
+            for actor in group:
+                ray.kill(actor, no_restart=True)
+        for pg in self.pgs.values():
+            remove_placement_group(pg)
+
+
+def _split(n: int, parts: int) -> list[range]:
+    return [r for r in (range(c[0], c[-1] + 1) for c in np.array_split(np.arange(n), parts) if len(c))]
+
+
+def _merge(batches: list[RolloutBatch]) -> RolloutBatch:
+    return RolloutBatch(*(sum((getattr(b, f) for b in batches), []) for f in
+                          ("prompt_ids", "response_ids", "logprobs", "finish_reasons")))
+
+
+class Trainer:
+    """One attempt of the loop over live actor groups; raises on a lost actor (the caller recovers)."""
+
+    def __init__(self, cfg: Config, groups: ActorGroups, prompts: list[list[int]], pad_id: int,
+                 ckpts: CheckpointDir, metrics: MetricsLog, run_dir: Path):
+        self.cfg, self.ppo, self.groups, self.prompts, self.pad_id = cfg, cfg.ppo, groups, prompts, pad_id
+        self.ckpts, self.metrics, self.run_dir = ckpts, metrics, run_dir
+
+    def next_prompts(self, state: dict) -> list[list[int]]:
+        """Prompts for a step from a seeded per-epoch permutation; the cursor lives in the checkpoint."""
+        chosen = []
+        while len(chosen) < self.ppo.prompts_per_step:
+            order = np.random.default_rng([self.ppo.seed, state["epoch"]]).permutation(len(self.prompts))
+            take = order[state["cursor"]:state["cursor"] + self.ppo.prompts_per_step - len(chosen)]
+            chosen += [self.prompts[i] for i in take]
+            state["cursor"] += len(take)
+            if state["cursor"] >= len(self.prompts):
+                state["epoch"], state["cursor"] = state["epoch"] + 1, 0
+        return chosen
+
+    def step(self, state: dict) -> dict:
+        ppo, g = self.ppo, self.groups
+        t_start = time.perf_counter()
+        prompt_ids = self.next_prompts(state)
+        seed = int(state["rng"].integers(2**31))
+        chunks = _split(len(prompt_ids), len(g.rollouts))
+        gen = ray.get([r.generate.remote([prompt_ids[i] for i in rows], self.cfg.model.max_response_len,
+                                         ppo.temperature, ppo.top_p, seed + k)
+                       for k, (r, rows) in enumerate(zip(g.rollouts, chunks))])
+        batch = _merge([b for b, _ in gen])
+        t_generated = time.perf_counter()
+        batch_ref = ray.put(batch)
+        score_refs = [s.score.remote(batch_ref, self.pad_id, rows)
+                      for s, rows in zip(g.scorers, _split(len(prompt_ids), len(g.scorers)))]
+        ref_refs = [r.logprobs.remote(batch_ref, self.pad_id, rows)
+                    for r, rows in zip(g.references, _split(len(prompt_ids), len(g.references)))]
+        eval_refs = g.learners.call("evaluate", batch_ref, self.pad_id)
+        scores, refs, evals = ray.get(score_refs), ray.get(ref_refs), ray.get(eval_refs)
+        t_scored = time.perf_counter()
+        cat = lambda parts, key: torch.cat([p[key] for p in parts])  # noqa: E731
+        rewards = cat(scores, "rewards")
+        mask = torch.zeros_like(rewards)
+        for i, resp in enumerate(batch.response_ids):
+            mask[i, :len(resp)] = 1.0
+        old_logprobs, values = cat(evals, "logprobs"), cat(evals, "values")
+        adv = advantages_from_rollout(rewards, old_logprobs, cat(refs, "logprobs"), values, mask,
+                                      kl_coef=ppo.kl_coef, gamma=ppo.gamma, lam=ppo.lam,
+                                      kl_estimator=ppo.kl_estimator, whiten=ppo.whiten_advantages)
+        t_adv = time.perf_counter()
+        train = ray.get(g.learners.call("train", batch_ref, self.pad_id, ray.put(adv["advantages"]),
+                                        ray.put(adv["returns"]), ray.put(old_logprobs), ray.put(values)))
+        t_trained = time.perf_counter()
+        sync = self.sync_weights(batch)
+        t_end = time.perf_counter()
+
+        n_tokens = mask.sum().item()
+        row = {
+            "reward_token_mean": masked_mean(rewards, mask).item(),
+            "reward_seq_sum": rewards.sum(1).mean().item(),
+            "kl": masked_mean(adv["kl"], mask).item(),
+            "kl_seq_sum": adv["kl"].sum(1).mean().item(),
+            "response_len": mask.sum(1).mean().item(),
+            "perplexity": float(torch.exp(-masked_mean(old_logprobs, mask))),
+            "entropy": masked_mean(cat(evals, "entropy"), mask).item(),
+            "value_mean": masked_mean(values, mask).item(),
+            "stop_frac": float(np.mean([f == "stop" for f in batch.finish_reasons])),
+            **{k: float(np.mean([t[k] for t in train])) for k in train[0] if k != "seconds"},
+            "time_generate": max(s for _, s in gen),
+            "time_score": max(s["seconds"] for s in scores),
+            "time_reference": max(r["seconds"] for r in refs),
+            "time_learner_eval": max(e["seconds"] for e in evals),
+            "time_train": max(t["seconds"] for t in train),
+            "time_sync": sync.pop("seconds"),
+            "time_stage_generate": t_generated - t_start,
+            "time_stage_score": t_scored - t_generated,
+            "time_stage_advantages": t_adv - t_scored,
+            "time_stage_train": t_trained - t_adv,
+            "time_stage_sync": t_end - t_trained,
+            "time_step": t_end - t_start,
+            "tokens_per_s": n_tokens / (t_end - t_start),
+            **sync,
+        }
+        return row
+
+    def sync_weights(self, batch: RolloutBatch) -> dict:
+        """Learner rank 0's state dict -> every rollout engine (one object, put once by the return)."""
+        start = time.perf_counter()
+        state_refs = self.groups.learners.call("full_state_dict")  # collective under ZeRO-3
+        loads = [r.load_state_dict.remote(state_refs[0]) for r in self.groups.rollouts]
+        compute = max(ray.get(loads))
+        ray.get(state_refs[1:])
+        out = {"seconds": time.perf_counter() - start, "time_sync_load": compute}
+        if self.ppo.sync_check:
+            probe = ([batch.prompt_ids[0]], [batch.response_ids[0]])
+            learner_lp = ray.get(self.groups.learners.call("score", *probe, self.pad_id))[0][0]
+            rollout_lp = ray.get(self.groups.rollouts[0].score.remote(*probe))[0]
+            out["sync_logprob_err"] = float(np.max(np.abs(np.array(learner_lp) - np.array(rollout_lp))))
+        return out
+
+    def checkpoint(self, state: dict) -> Path:
+        with self.ckpts.writing(state["step"]) as tmp:
+            ray.get(self.groups.learners.call("save_checkpoint", str(tmp)))
+            write_json_atomic(tmp / "controller.json", {
+                "step": state["step"], "epoch": state["epoch"], "cursor": state["cursor"],
+                "rng": state["rng"].bit_generator.state, "mode": self.cfg.reward.mode})
+        return self.ckpts.latest()
+
+    def run(self, state: dict) -> None:
+        with tqdm(total=self.ppo.steps, initial=state["step"], desc=f"ppo-{self.cfg.reward.mode}",
+                  unit="step", dynamic_ncols=True) as bar:
+            while state["step"] < self.ppo.steps:
+                row = self.step(state)
+                state["step"] += 1
+                # Metrics first: a crash before the checkpoint completes rolls both back together.
+                self.metrics.write(state["step"], row)
+                if state["step"] % self.ppo.checkpoint_every == 0 or state["step"] == self.ppo.steps:
+                    self.checkpoint(state)
+                bar.update(1)
+                bar.set_postfix(reward=f"{row['reward_token_mean']:.3f}", kl=f"{row['kl']:.3f}",
+                                s=f"{row['time_step']:.1f}")
+
+
+def _resolve_paths(cfg: Config) -> tuple[str, str]:
+    from tlcr_ray.models import resolve_model
+
+    mode = cfg.reward.mode
+    if mode not in MODES:
+        raise ConfigError(f"reward.mode {mode!r}: expected one of {', '.join(MODES)}")
+    policy = cfg.ppo.policy or str(cfg.stage_dir("sft") / "model")
+    if mode == "sequence":
+        reward, key = cfg.reward.reward_model or str(cfg.stage_dir("rm") / "model"), "reward.reward_model"
+    else:
+        reward, key = cfg.reward.discriminator or str(cfg.stage_dir("disc") / "model"), "reward.discriminator"
+    policy = resolve_model(policy)
+    for path, name in ((policy, "ppo.policy"), (reward, key)):
+        if not Path(path).exists():
+            raise ConfigError(f"{name}: {path} does not exist (run the earlier stage or set {name})")
+    return policy, reward
+
+
+def _initial_state(cfg: Config, ckpt: Path | None) -> dict:
+    rng = np.random.default_rng(cfg.ppo.seed)
+    if ckpt is None:
+        return {"step": 0, "epoch": 0, "cursor": 0, "rng": rng}
+    saved = read_json(ckpt / "controller.json")
+    rng.bit_generator.state = saved["rng"]
+    return {"step": saved["step"], "epoch": saved["epoch"], "cursor": saved["cursor"], "rng": rng}
+
+
+def run(cfg: Config, args=None) -> dict:
+    from tlcr_ray.data import load_split
+    from tlcr_ray.models import load_tokenizer
+
+    policy_dir, reward_dir = _resolve_paths(cfg)
+    run_dir = cfg.stage_dir(f"ppo-{cfg.reward.mode}")
+    ckpts = CheckpointDir(run_dir / "checkpoints", keep=cfg.ppo.keep_checkpoints)
+    if cfg.ppo.resume == "never":
+        shutil.rmtree(ckpts.root, ignore_errors=True)
+    elif cfg.ppo.resume != "auto":
+        raise ConfigError(f"ppo.resume {cfg.ppo.resume!r}: expected auto or never")
+    tokenizer = load_tokenizer(cfg.model.tokenizer or policy_dir)
+    pairs, _ = load_split(cfg.data, "rl")
+    prompts = encode_prompts(tokenizer, [p.prompt for p in pairs], cfg.model.max_prompt_len)
+    if not prompts:
+        raise ConfigError(f"data.path {cfg.data.path}: the rl partition has no prompts")
+    if not ray.is_initialized():
+        local = "RAY_ADDRESS" not in os.environ
+        ray.init(include_dashboard=False, **({"_node_ip_address": "127.0.0.1"} if local else {}),
+                 runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", str(Path.cwd()))}} if local else None)
+    failures, started = 0, time.perf_counter()
+    while True:
+        ckpt = ckpts.latest()
+        state = _initial_state(cfg, ckpt)
+        metrics = MetricsLog(run_dir, resume_step=state["step"])
+        groups = None
+        try:
+            groups = ActorGroups(cfg, policy_dir, str(ckpt / "hf") if ckpt else policy_dir, reward_dir)
+            if ckpt is not None:
+                ray.get(groups.learners.call("load_checkpoint", str(ckpt)))
+            trainer = Trainer(cfg, groups, prompts, tokenizer.pad_token_id, ckpts, metrics, run_dir)
+            trainer.run(state)
+            final = run_dir / "model"
+            tmp = run_dir / f".model.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            ray.get(groups.learners.call("export_hf", str(tmp)))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            break
+        except ACTOR_LOST as exc:
+            failures += 1
+            if failures > cfg.ppo.max_failures:
+                raise RuntimeError(f"ppo: {failures} actor losses exceed ppo.max_failures={cfg.ppo.max_failures}") from exc
+            print(f"ppo: lost an actor ({type(exc).__name__}); recreating the groups and resuming from "
+                  f"{ckpts.latest() or 'the initial policy'} (failure {failures}/{cfg.ppo.max_failures})", flush=True)
+        finally:
+            metrics.close()
+            if groups is not None:
+                groups.shutdown()
+    rows = metrics.rows()
+    last = rows[-1] if rows else {}
+    return {"stage": "ppo", "mode": cfg.reward.mode, "steps": state["step"], "failures_recovered": failures,
+            "run_dir": str(run_dir), "model": str(run_dir / "model"), "wall_s": round(time.perf_counter() - started, 1),
+            "final": {k: last.get(k) for k in ("reward_token_mean", "kl", "response_len", "time_step")}}

@@ -1,0 +1,190 @@
+"""One data-parallel PPO learner rank: actor (policy) + critic (value head), each a DeepSpeed engine.
+
+    learner = PPOLearner("runs/demo/sft/model", ppo_cfg, rank=0, world_size=1,
+                         init_method="file:///tmp/tlcr-rdzv")
+    old = learner.evaluate(batch, pad_id)           # {"logprobs", "values", "entropy"}: [batch, R]
+    stats = learner.train(batch, pad_id, advantages, returns, old["logprobs"], old["values"])
+
+Every rank packs the WHOLE batch (so P and R agree across ranks) and works on its own contiguous
+block of rows; gradients are averaged by DeepSpeed over the torch.distributed group (gloo on CPU,
+nccl on GPU). `evaluate` returns only this rank's rows; the caller concatenates in rank order.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from tlcr_ray.ppo import entropy_from_logits, masked_mean, policy_loss, value_loss
+from tlcr_ray.rollout import PackedBatch, RolloutBatch, pack, response_logits, select_rows, token_logprobs
+
+
+def shard_rows(batch_size: int, rank: int, world_size: int) -> range:
+    """Contiguous block of rows for `rank`; blocks differ in size by at most one."""
+    base, extra = divmod(batch_size, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))
+
+
+class PPOLearner:
+    def __init__(self, policy_dir: str, ppo_cfg, *, rank: int, world_size: int, init_method: str,
+                 dtype: str = "float32"):
+        import deepspeed
+
+        from tlcr_ray.models import ValueModel, load_policy
+
+        self.cfg, self.rank, self.world_size = ppo_cfg, rank, world_size
+        self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0")
+        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo",
+                                   init_method=init_method, rank=rank, world_size=world_size,
+                                   auto_mpi_discovery=False, verbose=False)
+        self.policy_dir = policy_dir
+        policy = load_policy(policy_dir, dtype=dtype)
+        critic = ValueModel.from_pretrained(policy_dir, dtype=dtype, seed=ppo_cfg.seed)
+        self.actor = self._engine(policy, ppo_cfg.actor_lr, dtype)
+        self.critic = self._engine(critic, ppo_cfg.critic_lr, dtype)
+
+    def _engine(self, model, lr: float, dtype: str):
+        import deepspeed
+
+        micro = max(1, self.cfg.mini_batch_size // self.world_size)
+        config = {
+            "train_micro_batch_size_per_gpu": micro,
+            "gradient_accumulation_steps": 1,
+            "train_batch_size": micro * self.world_size,
+            "gradient_clipping": self.cfg.max_grad_norm,
+            "zero_optimization": {"stage": self.cfg.zero_stage},
+            "bf16": {"enabled": dtype == "bfloat16"},
+            "steps_per_print": 10**9,
+        }
+        # A plain torch optimizer: DeepSpeed's CPU/fused Adam would JIT-compile for a minute first.
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        return engine
+
+    # ------------------------------------------------------------------ forwards
+    def _forward(self, packed: PackedBatch, with_values: bool = True):
+        """-> (logprobs, entropy, values) for the packed rows, each [rows, R] on self.device."""
+        input_ids = packed.input_ids.to(self.device)
+        attention_mask = packed.attention_mask.to(self.device)
+        logits = response_logits(self.actor(input_ids=input_ids, attention_mask=attention_mask).logits, packed)
+        logprobs = token_logprobs(logits, packed.response_ids.to(self.device), self.cfg.temperature)
+        entropy = entropy_from_logits(logits.float() / self.cfg.temperature)
+        values = None
+        if with_values:
+            P, R = packed.prompt_len, packed.response_ids.shape[1]
+            # Value of the state BEFORE action t sits one column left of the token, like its logits.
+            values = self.critic(input_ids, attention_mask)[:, P - 1:P + R - 1]
+        return logprobs, entropy, values
+
+    @torch.no_grad()
+    def evaluate(self, batch: RolloutBatch, pad_id: int) -> dict:
+        """Old log-probs, values and entropy of this rank's rows: each [rows, R], 0 on padding."""
+        start = time.perf_counter()
+        packed = pack(batch.prompt_ids, batch.response_ids, pad_id)
+        rows = list(shard_rows(len(batch.prompt_ids), self.rank, self.world_size))
+        part = select_rows(packed, rows)
+        self.actor.eval()
+        self.critic.eval()
+        logprobs, entropy, values = self._forward(part)
+        mask = part.response_mask
+        return {"logprobs": logprobs.float().cpu() * mask, "values": values.float().cpu() * mask,
+                "entropy": entropy.float().cpu() * mask, "seconds": time.perf_counter() - start}
+
+    def train(self, batch: RolloutBatch, pad_id: int, advantages: torch.Tensor, returns: torch.Tensor,
+              old_logprobs: torch.Tensor, old_values: torch.Tensor) -> dict:
+        """One PPO update on this rank's rows. Tensors are the whole batch's, [batch, R]."""
+        start = time.perf_counter()
+        packed = pack(batch.prompt_ids, batch.response_ids, pad_id)
+        rows = list(shard_rows(len(batch.prompt_ids), self.rank, self.world_size))
+        micro = max(1, self.cfg.mini_batch_size // self.world_size)
+        # Every rank must run the same number of optimizer steps (each step all-reduces).
+        per_rank = -(-len(batch.prompt_ids) // self.world_size)
+        n_minibatches = -(-per_rank // micro)
+        generator = torch.Generator().manual_seed(self.cfg.seed * 7919 + len(rows))
+        self.actor.train()
+        self.critic.train()
+        totals: dict[str, float] = {}
+        count = 0
+        for _ in range(self.cfg.ppo_epochs):
+            order = [rows[i] for i in torch.randperm(len(rows), generator=generator).tolist()]
+            for k in range(n_minibatches):
+                chosen = order[k * micro:(k + 1) * micro] or order[:1]
+                stats = self._step(select_rows(packed, chosen), advantages[chosen], returns[chosen],
+                                   old_logprobs[chosen], old_values[chosen])
+                for key, value in stats.items():
+                    totals[key] = totals.get(key, 0.0) + value
+                count += 1
+        result = {key: value / max(count, 1) for key, value in totals.items()}
+        result["seconds"] = time.perf_counter() - start
+        return result
+
+    def _step(self, part: PackedBatch, advantages, returns, old_logprobs, old_values) -> dict[str, float]:
+        mask = part.response_mask.to(self.device)
+        logprobs, entropy, _ = self._forward(part, with_values=False)
+        pg_loss, clipfrac, approx_kl = policy_loss(logprobs, old_logprobs.to(self.device),
+                                                   advantages.to(self.device), mask, self.cfg.clip_eps)
+        entropy_mean = masked_mean(entropy, mask)
+        self.actor.backward(pg_loss - self.cfg.entropy_coef * entropy_mean)
+        self.actor.step()
+        P, R = part.prompt_len, part.response_ids.shape[1]
+        values = self.critic(part.input_ids.to(self.device), part.attention_mask.to(self.device))[:, P - 1:P + R - 1]
+        vf_loss, vf_clipfrac = value_loss(values.float(), old_values.to(self.device), returns.to(self.device),
+                                          mask, self.cfg.value_clip)
+        self.critic.backward(vf_loss)
+        self.critic.step()
+        return {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(), "clip_frac": clipfrac.item(),
+                "value_clip_frac": vf_clipfrac.item(), "approx_kl": approx_kl.item(),
+                "entropy": entropy_mean.item()}
+
+    # ------------------------------------------------------------------ weights and checkpoints
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """HF-named policy weights on CPU (rank 0; None elsewhere). Collective under ZeRO-3."""
+        module = self.actor.module
+        if self.cfg.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if self.rank == 0 else None
+        else:
+            state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if self.rank == 0 else None
+        return state
+
+    @torch.no_grad()
+    def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> list[list[float]]:
+        """Log-probs (temperature 1) of given responses under the current policy, for sync checks."""
+        packed = pack(prompt_ids, response_ids, pad_id)
+        self.actor.eval()
+        logits = response_logits(self.actor(input_ids=packed.input_ids.to(self.device),
+                                             attention_mask=packed.attention_mask.to(self.device)).logits, packed)
+        logp = token_logprobs(logits, packed.response_ids.to(self.device)).cpu()
+        return [row[:len(r)] for row, r in zip(logp.tolist(), response_ids)]
+
+    def save_checkpoint(self, folder: str) -> None:
+        """DeepSpeed state of both engines (collective) + the policy as an HF folder (rank 0)."""
+        folder = Path(folder)
+        self.actor.save_checkpoint(str(folder / "actor"), tag="ds")
+        self.critic.save_checkpoint(str(folder / "critic"), tag="ds")
+        self.export_hf(str(folder / "hf"))
+
+    def load_checkpoint(self, folder: str) -> None:
+        folder = Path(folder)
+        for engine, name in ((self.actor, "actor"), (self.critic, "critic")):
+            path, _ = engine.load_checkpoint(str(folder / name), tag="ds")
+            if path is None:
+                raise FileNotFoundError(f"{folder / name}: no DeepSpeed checkpoint 'ds'")
+
+    def export_hf(self, path: str) -> None:
+        """Policy as a loadable HF folder with its tokenizer (rank 0 writes; collective under ZeRO-3)."""
+        state = self.full_state_dict()
+        if self.rank != 0:
+            return
+        from tlcr_ray.models import load_tokenizer
+
+        self.actor.module.save_pretrained(path, state_dict=state)
+        load_tokenizer(self.policy_dir).save_pretrained(path)
