@@ -11,7 +11,7 @@ import pytest
 from tlcr_ray.bench_eval import REPO_DATA, load_alpaca_reference, load_mt_bench, run_alpaca_eval, run_mt_bench
 from tlcr_ray.cli import main as tlcr_main
 from tlcr_ray.config import ConfigError, load_config
-from tlcr_ray.judge import pairwise_request, parse_rating, parse_verdict
+from tlcr_ray.judge import JsonlCache, pairwise_request, parse_rating, parse_verdict
 from tlcr_ray.testing.openai_server import OpenAITestServer, Reply
 
 MULTI_TURN_MARK = "<|The Start of Assistant A's Conversation with User|>"
@@ -55,6 +55,22 @@ def test_parsers():
     assert parse_verdict("B is better. [[B]]") == ("B", None)
     assert parse_verdict("Equal. [[tie]]") == ("tie", None)
     assert parse_verdict("[[C]]")[0] is None
+
+
+def test_cache_survives_a_torn_last_line(tmp_path):
+    path = tmp_path / "judgments.jsonl"
+    cache = JsonlCache(path)
+    cache.add({"key": "a", "status": "error"})
+    cache.add({"key": "a", "status": "ok"})  # the last row of a key wins
+    with path.open("a") as fh:
+        fh.write('{"key": "b", "sta')  # killed mid-write
+    again = JsonlCache(path)
+    assert again.rows == {"a": {"key": "a", "status": "ok"}}
+    again.add({"key": "b", "status": "ok"})
+    assert set(JsonlCache(path).rows) == {"a", "b"}
+    path.write_text('{"key": "a"}\nnot json\n')
+    with pytest.raises(ValueError, match="judgments.jsonl:2"):
+        JsonlCache(path)
 
 
 def test_pairwise_order_is_random_but_stable():
@@ -181,6 +197,10 @@ def test_alpaca_win_rate_via_cli(tmp_path, tiny_model_dir):
     assert result["stderr"] == pytest.approx(100 * (0.6875 / 3 / 4) ** 0.5, abs=1e-3)
     assert result["model_shown_first"] == shown_first.count("model")
     assert result["complete"] and result["questions"] == 4
+    rows = [json.loads(line) for line in (tmp_path / "run" / "eval" / "alpaca-eval" / "judgments.jsonl").open()]
+    assert sorted(r["item"] for r in rows) == [0, 1, 2, 3]
+    for r in rows:
+        assert r["winner"] == scripted[items[r["item"]]["instruction"]]
 
 
 def test_missing_judge_key_fails_before_generation(tmp_path, monkeypatch):

@@ -189,10 +189,7 @@ def mt_bench_summary(rows: list[dict]) -> dict:
 
 def win_rate_summary(rows: list[dict]) -> dict:
     """Pairwise rows -> win rate of the model over the reference in % (ties count half) and its std error."""
-    outcomes = []
-    for r in rows:
-        if r["status"] == "ok":
-            outcomes.append(0.5 if r["verdict"] == "tie" else float(r["verdict"] == r["model_position"]))
+    outcomes = [{"model": 1.0, "tie": 0.5, "reference": 0.0}[r["winner"]] for r in rows if r["status"] == "ok"]
     n = len(outcomes)
     mean = sum(outcomes) / n if n else None
     stderr = math.sqrt(sum((x - mean) ** 2 for x in outcomes) / (n - 1) / n) if n > 1 else None

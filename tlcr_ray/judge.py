@@ -217,8 +217,12 @@ async def _judge_one(client, request: JudgeRequest, judge_model: str, cfg: EvalC
         row["score"], row["reason"] = parse_rating(text)
         ok = row["score"] is not None
     else:
-        row["verdict"], row["reason"] = parse_verdict(text)
-        ok = row["verdict"] is not None
+        verdict, row["reason"] = parse_verdict(text)
+        ok = verdict is not None
+        if ok:  # translate the position back: which of the two answers won
+            row["verdict"] = verdict
+            row["winner"] = "tie" if verdict == "tie" else \
+                ("model" if verdict == request.meta["model_position"] else "reference")
     row["status"] = "ok" if ok else "error"
     return row
 
