@@ -187,6 +187,7 @@ def test_server_speaks_the_openai_wire_protocol():
     (f"```text\n{tagged('fixed reply')}\n```", "fixed reply"),
     (tagged("```markdown\nfixed reply\n```"), "fixed reply"),
     (f"{OPEN_TAG}fixed reply{CLOSE_TAG}", "fixed reply"),
+    (f"I'll put it in {OPEN_TAG} tags.\n" + tagged("fixed reply"), "fixed reply"),
     (tagged("draft") + "\nOn second thought:\n" + tagged("  final\nreply  "), "final\nreply"),
 ])
 def test_parse_revision_accepts(text, expected):
@@ -195,6 +196,7 @@ def test_parse_revision_accepts(text, expected):
 
 @pytest.mark.parametrize("text,reason", [
     ("fixed reply", "no_tags"), (f"{OPEN_TAG}\nfixed reply", "no_tags"), (None, "no_tags"),
+    (f"{CLOSE_TAG} fixed reply {OPEN_TAG}", "no_tags"),
     (tagged(""), "empty_revision"), (tagged("```\n```"), "empty_revision"),
     ("I'm sorry, but I can't help with that.", "refusal"), ("As an AI, I won't do this.", "refusal"),
 ])
