@@ -238,3 +238,52 @@ def test_rayservice_serves_the_same_application_as_deploy_serve_yaml():
             assert app.get(key) == local[name].get(key), f"{name}.{key} differs from deploy/serve.yaml"
         # Paths and sizes differ between a laptop and the cluster; which args exist must not.
         assert set(app.get("args", {})) <= set(local[name].get("args", {})) | {"config", "checkpoint", "overrides"}
+
+
+# --- the configs' resource requests against the cluster -----------------------------------------
+
+GROUPS = ("rollout", "reward", "reference", "learner")
+
+
+def _nodes_needed(ppo, node_cpus: float, node_gpus: float) -> int:
+    """First-fit of every actor's bundle onto identical nodes, learner first (as PACK places it)."""
+    free: list[list[float]] = []
+    for name in ("learner", "rollout", "reward", "reference"):
+        res = getattr(ppo, name)
+        for _ in range(res.num_actors):
+            assert res.num_cpus <= node_cpus and res.num_gpus <= node_gpus, f"ppo.{name}: one actor exceeds a node"
+            node = next((n for n in free if n[0] >= res.num_cpus and n[1] >= res.num_gpus), None)
+            if node is None:
+                free.append(node := [node_cpus, node_gpus])
+            node[0] -= res.num_cpus
+            node[1] -= res.num_gpus
+    return len(free)
+
+
+def test_a100_ppo_config_fits_the_cluster_it_is_deployed_on():
+    from tlcr_ray.config import load_config
+
+    ppo = load_config(REPO / "configs" / "a100-7b.yaml").ppo
+    cluster = _load(REPO / "cluster.yaml")
+    worker = cluster["available_node_types"]["gpu_8x_a100"]["resources"]
+    for name in GROUPS:
+        assert getattr(ppo, name).num_gpus >= 1, f"ppo.{name} should run on a GPU on the cluster"
+    assert ppo.rollout.num_gpus >= ppo.vllm_tensor_parallel, "a vLLM engine needs a GPU per tensor-parallel rank"
+    # The learner's collective stays inside one node (NVLink): its whole group fits on one.
+    assert ppo.learner.num_actors * ppo.learner.num_gpus <= worker["GPU"]
+    assert ppo.learner.num_actors * ppo.learner.num_cpus <= worker["CPU"]
+    needed = _nodes_needed(ppo, worker["CPU"], worker["GPU"])
+    assert needed <= cluster["max_workers"], f"PPO needs {needed} nodes, cluster.yaml allows {cluster['max_workers']}"
+    job_group = _load(KUBERAY / "rayjob.yaml")["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    limits = job_group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert _nodes_needed(ppo, float(limits["cpu"]), float(limits["nvidia.com/gpu"])) <= job_group["maxReplicas"]
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "demo.yaml"])
+def test_laptop_configs_have_the_same_shape_and_ask_for_no_gpu(name):
+    from tlcr_ray.config import load_config
+
+    ppo = load_config(REPO / "configs" / name).ppo
+    for group in GROUPS:
+        assert getattr(ppo, group).num_gpus == 0, f"{name}: ppo.{group} asks for a GPU"
+    assert _nodes_needed(ppo, node_cpus=4, node_gpus=0) == 1, f"{name}: PPO should fit one 4-CPU laptop"
