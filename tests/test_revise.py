@@ -98,7 +98,7 @@ def test_every_row_ends_labeled_or_quarantined_with_its_reason(tmp_path, tokeniz
     script = ScriptedReviser()
     pairs = [make_pair(case) for case in EXPECTED]
     cache_path = tmp_path / "revisions.jsonl"
-    with OpenAITestServer(script) as srv:
+    with OpenAITestServer(script, api_key="sk-test-secret-123") as srv:  # 401 unless the env key is sent
         cfg = ReviserConfig(kind="openai", base_url=srv.base_url, model="test-model", api_key_env="TLCR_TEST_KEY",
                             timeout_s=3.0, max_retries=1, max_concurrency=16)
         results, stats = revise_all(pairs, make_reviser(cfg, tokenize), cache_path, cfg.max_concurrency, progress=False)
@@ -173,6 +173,13 @@ def test_server_speaks_the_openai_wire_protocol():
         assert reply.choices[0].message.content == "hello there" and reply.choices[0].finish_reason == "stop"
         assert reply.object == "chat.completion" and reply.usage.completion_tokens == 2
         assert [m.id for m in client.models.list()] == ["m1"]
+    with OpenAITestServer(lambda body: {"text": "x"}, api_key="sk-right") as srv:
+        client = OpenAI(base_url=srv.base_url, api_key="sk-wrong", max_retries=0)
+        with pytest.raises(Exception) as info:
+            client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        assert type(info.value).__name__ == "AuthenticationError" and srv.request_count == 0
+        reply = OpenAI(base_url=srv.base_url, api_key="sk-right").chat.completions.create(model="m", messages=[])
+        assert reply.choices[0].message.content == "x"
     with OpenAITestServer(lambda body: Reply(status=429, error="too many")) as srv:
         client = OpenAI(base_url=srv.base_url, api_key="x", max_retries=0)
         with pytest.raises(Exception) as info:

@@ -1,6 +1,6 @@
 """A real OpenAI-compatible HTTP server on 127.0.0.1, scripted per request, for tests and benches.
 
-    def handler(body: dict) -> Reply | str:           # the request JSON -> what to answer
+    def handler(body: dict) -> Reply | dict | str:    # the request JSON -> what to answer
         return Reply(text="<revised_response>\\nHi\\n</revised_response>", delay=0.2)
 
     with OpenAITestServer(handler) as srv:             # ephemeral port, background thread
@@ -49,7 +49,7 @@ class Reply:
     refusal: str | None = None
 
 
-Handler = Callable[[dict], "Reply | str"]
+Handler = Callable[[dict], "Reply | dict | str"]
 
 
 def messages_digest(messages: list[dict]) -> str:
@@ -60,9 +60,11 @@ def messages_digest(messages: list[dict]) -> str:
 class OpenAITestServer:
     """Threaded HTTP server; `handler` decides each chat completion's reply."""
 
-    def __init__(self, handler: Handler, model: str = "test-model", port: int = 0):
+    def __init__(self, handler: Handler, model: str = "test-model", port: int = 0, api_key: str | None = None):
         self.handler = handler
         self.model = model
+        self.api_key = api_key
+        """When set, requests without `Authorization: Bearer <api_key>` get a 401."""
         self.request_count = 0
         self.request_digests: list[str] = []
         self._lock = threading.Lock()
@@ -112,8 +114,17 @@ class _RequestHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args) -> None:  # quiet: tests run thousands of requests
         pass
 
+    def _authorized(self) -> bool:
+        key = self.server.app.api_key
+        if key is None or self.headers.get("Authorization") == f"Bearer {key}":
+            return True
+        self._error(401, "Incorrect API key provided")
+        return False
+
     def do_GET(self) -> None:
         app = self.server.app
+        if self.path.rstrip("/") == "/v1/models" and not self._authorized():
+            return
         if self.path.rstrip("/") == "/v1/models":
             self._json(200, {"object": "list", "data": [
                 {"id": app.model, "object": "model", "created": 0, "owned_by": "tlcr-test"}]})
@@ -129,6 +140,8 @@ class _RequestHandler(BaseHTTPRequestHandler):
         raw = self.rfile.read(length)
         if self.path.rstrip("/") != "/v1/chat/completions":
             return self._error(404, f"no route POST {self.path}")
+        if not self._authorized():
+            return
         try:
             body = json.loads(raw)
             if not isinstance(body.get("messages"), list) or not body.get("model"):
@@ -142,6 +155,8 @@ class _RequestHandler(BaseHTTPRequestHandler):
             return self._error(500, f"handler failed: {type(exc).__name__}: {exc}")
         if isinstance(reply, str):
             reply = Reply(text=reply)
+        elif isinstance(reply, dict):
+            reply = Reply(**reply)
         if reply.delay and app._stopping.wait(reply.delay):
             return
         if reply.status != 200:
