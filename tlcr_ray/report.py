@@ -17,9 +17,9 @@ from tlcr_ray.config import Config, load_config
 
 # Curves drawn per PPO step: (file stem, title, metric key in ppo-*/metrics.jsonl).
 CURVES = [
-    ("reward", "token-mean reward", "reward/token_mean"),
+    ("reward", "token-mean reward", "reward_token_mean"),
     ("kl", "KL to the reference (per token)", "kl"),
-    ("length", "response length (tokens)", "response_length"),
+    ("length", "response length (tokens)", "response_len"),
     ("perplexity", "perplexity of sampled responses", "perplexity"),
     ("entropy", "policy entropy (per token)", "entropy"),
 ]
