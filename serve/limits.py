@@ -1,7 +1,8 @@
-"""Request limits: body size (before parsing), items per request, characters and tokens per item.
+"""Request limits and the messages that name them.
 
-Every violation is a 413 whose message names the limit and its config key, e.g.
-`items[3] has 1500 tokens; the limit is serve.max_tokens=1024`.
+Items per request and characters per text field live in the request schema (422, e.g. `body.items: List
+should have at most 64 items after validation, not 65 (serve.max_items)`); body size (checked before
+parsing) and tokens per item are 413s, e.g. `items[3] has 1500 tokens; the limit is serve.max_tokens=1024`.
 """
 from __future__ import annotations
 
@@ -23,13 +24,13 @@ def too_large(message: str) -> HTTPException:
     return HTTPException(status_code=413, detail=message)
 
 
-def check_items(limits: Limits, char_counts: list[int], field: str) -> None:
-    """Items per request and characters per item (`field` names the list in messages)."""
-    if len(char_counts) > limits.max_items:
-        raise too_large(f"{len(char_counts)} {field} in one request; the limit is serve.max_items={limits.max_items}")
-    for index, count in enumerate(char_counts):
-        if count > limits.max_chars:
-            raise too_large(f"{field}[{index}] has {count} characters; the limit is serve.max_chars={limits.max_chars}")
+def limit_hint(error: dict) -> str:
+    """Name the config key behind a pydantic size error (items per request, characters per text field)."""
+    if error.get("type") == "string_too_long":
+        return " (serve.max_chars)"
+    if error.get("type") == "too_long" and tuple(error.get("loc", ()))[-1:] in (("items",), ("query",), ("prompts",)):
+        return " (serve.max_items)"
+    return ""
 
 
 def check_tokens(limits: Limits, lengths: list[int], field: str) -> None:

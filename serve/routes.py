@@ -4,8 +4,7 @@
 replica's own environment. `service` supplies `tokenizer`, `info` (ModelInfo), `api_key`, `limits`,
 `score(response, encoded, mode) -> ItemScore` (awaitable) and the /get_reward settings.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI must see the per-app request models defined below.
 import asyncio
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -13,10 +12,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from serve.auth import make_auth_dependency
-from serve.limits import BodySizeLimit, check_items, check_tokens
+from serve.limits import BodySizeLimit, check_tokens, limit_hint
 from serve.metrics import IngressMetrics, MetricsMiddleware
-from serve.schemas import (ERRORS, GetRewardRequest, GetRewardResponse, Health, ItemOut, ModelInfo, TokenOut,
-                           TokenRewardsRequest, TokenRewardsResponse)
+from serve.schemas import (ERRORS, GetRewardResponse, Health, ItemOut, ModelInfo, TokenOut, TokenRewardsResponse,
+                           request_models)
 from tlcr_ray.scoring import ItemScore, encode_items
 
 
@@ -27,11 +26,12 @@ def build_fastapi_app(service) -> FastAPI:
                   version="1.0")
     auth = make_auth_dependency(service.api_key)
     limits = service.limits
+    TokenRewardsRequest, GetRewardRequest = request_models(limits.max_items, limits.max_chars)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         # Our own shape: one readable line plus the structured errors, never echoing the (maybe huge) input.
-        errors = [{"loc": [str(part) for part in err.get("loc", ())], "msg": str(err.get("msg", "")),
+        errors = [{"loc": [str(part) for part in err.get("loc", ())], "msg": str(err.get("msg", "")) + limit_hint(err),
                    "type": str(err.get("type", ""))} for err in exc.errors()]
         detail = "; ".join(f"{'.'.join(e['loc']) or 'body'}: {e['msg']}" for e in errors) or "invalid request"
         return JSONResponse(status_code=422, content={"detail": detail, "errors": errors})
@@ -40,13 +40,13 @@ def build_fastapi_app(service) -> FastAPI:
         """Encode jointly (as training does), check token limits, score each item through the batcher."""
         encoded = encode_items(service.tokenizer, list(zip(prompts, responses)))
         check_tokens(limits, [len(enc.input_ids) for enc in encoded], field)
-        return await asyncio.gather(*[service.score(response, enc, mode) if response else _empty()
-                                      for response, enc in zip(responses, encoded)])
+        # A response with no tokens (empty, or only characters the tokenizer drops) scores 0 without a forward.
+        return await asyncio.gather(*[service.score(response, enc, mode) if len(enc.input_ids) > enc.response_start
+                                      else _empty() for response, enc in zip(responses, encoded)])
 
     @app.post("/v1/token-rewards", response_model=TokenRewardsResponse, responses=ERRORS,
               dependencies=[Depends(auth)], summary="Per-token rewards of (prompt, response) items")
     async def token_rewards(body: TokenRewardsRequest) -> TokenRewardsResponse:
-        check_items(limits, [len(it.prompt) + len(it.response) for it in body.items], "items")
         scored = await score_all([it.response for it in body.items], [it.prompt for it in body.items],
                                  "items", body.mode)
         return TokenRewardsResponse(
@@ -59,7 +59,6 @@ def build_fastapi_app(service) -> FastAPI:
         if len(body.prompts) != len(body.query):
             raise HTTPException(422, f"prompts has {len(body.prompts)} entries but query has {len(body.query)}; "
                                      "expected one prompt per query")
-        check_items(limits, [len(q) for q in body.query], "query")
         prompts, responses = zip(*[split_query(q, p, service.pad_token, i)
                                    for i, (q, p) in enumerate(zip(body.query, body.prompts))])
         scored = await score_all(list(responses), list(prompts), "query", service.get_reward_mode)

@@ -1,10 +1,11 @@
 """Request and response bodies of the token-reward API (they make its OpenAPI schema).
 
-Unknown fields are rejected (422) so a typo never silently changes what gets scored.
+Unknown fields are rejected (422) so a typo never silently changes what gets scored. Request models are
+built per app (`request_models`) because their size limits come from the config.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -15,15 +16,28 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Item(Strict):
-    prompt: str = Field(description="The conversation so far; may be empty.")
-    response: str = Field(min_length=1, description="The text to score, token by token.")
+def request_models(max_items: int, max_chars: int) -> tuple[type[BaseModel], type[BaseModel]]:
+    """(TokenRewardsRequest, GetRewardRequest) with the configured limits in their schema (so /openapi.json
+    documents them and schemathesis respects them); pydantic enforces them as 422s."""
+    Text = Annotated[str, Field(max_length=max_chars)]
 
+    class Item(Strict):
+        prompt: Text = Field(description="The conversation so far; may be empty.")
+        response: Text = Field(min_length=1, description="The text to score, token by token.")
 
-class TokenRewardsRequest(Strict):
-    items: list[Item] = Field(min_length=1, description="At most `max_items` (GET /v1/model).")
-    mode: Mode = Field("continuous", description="continuous: 2p-1; fixed: +1/-1/0 by thresholds; "
-                                                 "no_negative / no_positive: the ablations.")
+    class TokenRewardsRequest(Strict):
+        items: list[Item] = Field(min_length=1, max_length=max_items)
+        mode: Mode = Field("continuous", description="continuous: 2p-1; fixed: +1/-1/0 by thresholds; "
+                                                     "no_negative / no_positive: the ablations.")
+
+    class GetRewardRequest(Strict):
+        """OpenRLHF's remote reward-model request: `query` is prompt + response, decoded with special tokens."""
+
+        query: list[Text] = Field(min_length=1, max_length=max_items)
+        prompts: list[Text] = Field(max_length=max_items, description="The prompt of each query, a prefix of it.")
+        labels: list[Any] | None = Field(None, description="Accepted and ignored.")
+
+    return TokenRewardsRequest, GetRewardRequest
 
 
 class TokenOut(BaseModel):
@@ -47,18 +61,10 @@ class TokenRewardsResponse(BaseModel):
     items: list[ItemOut]
 
 
-class GetRewardRequest(Strict):
-    """OpenRLHF's remote reward-model request: `query` is prompt + response, decoded with special tokens."""
-
-    query: list[str] = Field(min_length=1)
-    prompts: list[str] = Field(description="The prompt of each query, a prefix of it.")
-    labels: list[Any] | None = Field(None, description="Accepted and ignored.")
-
-
 class GetRewardResponse(BaseModel):
     rewards: list[float] = Field(description="sequence score per query: sum or mean of its token rewards")
     scores: list[float] = Field(description="the same as rewards")
-    extra_logs: dict[str, list[float]] = Field(description="per-query mean_token_reward and num_tokens")
+    extra_logs: dict[str, list[float]] = Field(description="per query: token_reward_sum, token_reward_mean, num_tokens")
 
 
 class ModelInfo(BaseModel):

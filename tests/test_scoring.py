@@ -89,5 +89,7 @@ def test_unknown_mode_and_empty_response(disc, tokenizer):
     assert probs == [[]]
     empty = item_score("", enc, probs[0])
     assert (empty.tokens, empty.sum, empty.mean) == ([], 0.0, 0.0)
+    dropped = encode_items(tokenizer, [("", "\x1d")])[0]  # a control character the tokenizer drops
+    assert dropped.input_ids == [] and score_items(disc, tokenizer, [("", "\x1d")])[0].tokens == []
     with pytest.raises(ValueError, match="unknown reward mode 'sequence'"):
         item_score("", enc, probs[0], mode="sequence")

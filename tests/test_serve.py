@@ -99,6 +99,12 @@ def test_get_reward_empty_response_scores_zero_and_labels_are_optional(url):
     assert reply.json()["rewards"] == [0.0] and reply.json()["extra_logs"]["num_tokens"] == [0.0]
 
 
+def test_a_response_the_tokenizer_drops_scores_zero(url):
+    reply = post(url, "/v1/token-rewards", {"items": [{"prompt": "", "response": "\x1d"}]})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["items"] == [{"tokens": [], "sum": 0.0, "mean": 0.0}]
+
+
 def test_health_model_info_and_docs(url, disc_dir):
     assert requests.get(url + "/healthz", timeout=30).json() == {"status": "ok"}
     info = requests.get(url + "/v1/model", timeout=30).json()
@@ -124,8 +130,8 @@ BAD_INPUTS = [
     ("extra item field", {"items": [{**ITEM, "x": 1}]}, 422, "items.0.x: Extra inputs"),
     ("empty items", {"items": []}, 422, "at least 1 item"),
     ("empty response", {"items": [{"prompt": "p", "response": ""}]}, 422, "items.0.response: String should have at least 1"),
-    ("too many items", {"items": [ITEM] * 65}, 413, "serve.max_items=64"),
-    ("huge string", {"items": [{"prompt": "p", "response": "x" * 20001}]}, 413, "items[0] has 20002 characters"),
+    ("too many items", {"items": [ITEM] * 65}, 422, "body.items: List should have at most 64 items after validation, not 65 (serve.max_items)"),
+    ("huge string", {"items": [{"prompt": "p", "response": "x" * 20001}]}, 422, "items.0.response: String should have at most 20000 characters (serve.max_chars)"),
     ("too many tokens", {"items": [ITEM, {"prompt": "", "response": " a" * 1100}]}, 413, "items[1] has 1100 tokens; the limit is serve.max_tokens=1024"),
     ("huge body", b"x" * (8 * 1024 * 1024 + 1), 413, "serve.max_body_bytes"),
 ]

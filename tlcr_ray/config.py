@@ -193,9 +193,9 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     max_items: int = 64
-    """Items (or /get_reward queries) per request; more is a 413."""
+    """Items (or /get_reward queries) per request; more is a 422."""
     max_chars: int = 20000
-    """Characters per item (prompt + response, or the whole query); more is a 413."""
+    """Characters per text field (prompt, response, query); more is a 422."""
     max_tokens: int = 1024
     """Tokens per item (prompt + response, no truncation); more is a 413."""
     max_body_bytes: int = 8 * 1024 * 1024

@@ -53,8 +53,8 @@ def response_probabilities(model: torch.nn.Module, encoded: list[Encoded], pad_t
 
     Builds input_ids/attention_mask [B, T] (T = longest sequence); returns B lists of length R_i.
     """
-    if not encoded:
-        return []
+    if not any(e.input_ids for e in encoded):  # nothing to run (the tokenizer drops e.g. some control chars)
+        return [[] for _ in encoded]
     device = next(model.parameters()).device
     longest = max(len(e.input_ids) for e in encoded)
     input_ids = torch.full((len(encoded), longest), pad_token_id, dtype=torch.long)
