@@ -197,8 +197,8 @@ class OpenAIReviser:
                 "temperature": self.cfg.temperature, "max_tokens": self.cfg.max_tokens}
         try:
             # The SDK's raw `post` with the wire body, rather than `chat.completions.create`, skips the
-            # per-call transform of ~50 optional parameters: ~40% of the client's CPU per request
-            # (bench/bench_reviser.py), which caps throughput at high concurrency. Retries, timeouts,
+            # per-call transform of ~50 optional parameters: 2.7 -> 1.7 ms of client CPU per request
+            # measured here, and CPU is what caps throughput at high concurrency. Retries, timeouts,
             # error types and response parsing are the same code path.
             reply = await self.client.post("/chat/completions", cast_to=ChatCompletion, body=body)
         except openai.APIError as exc:
@@ -235,7 +235,7 @@ class OpenAIReviser:
 
 def _http_client():
     """The SDK's aiohttp transport when aiohttp is installed: ~30% less client CPU per request than
-    the default httpx one (bench/bench_reviser.py), which matters at high concurrency."""
+    its default httpx one (measured here: 3.9-4.7 -> 2.8 ms), which matters at high concurrency."""
     from openai import DefaultAioHttpClient
 
     try:
