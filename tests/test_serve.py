@@ -189,3 +189,27 @@ def test_metrics_reach_the_prometheus_endpoint(url, ray_local):
         time.sleep(1)
     assert not missing
     assert 'path="/v1/token-rewards"' in text and 'status="200"' in text
+
+
+def test_deploy_serve_yaml_is_a_valid_serve_config_that_builds(disc_dir, monkeypatch):
+    """`serve run deploy/serve.yaml` reads this: Serve's own schema, then our builder with its args."""
+    import importlib
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load((Path(__file__).resolve().parent.parent / "deploy" / "serve.yaml").read_text())
+    config = ServeDeploySchema.model_validate(raw)
+    assert config.http_options.host == "127.0.0.1"
+    (app,) = config.applications
+    scorer = next(d for d in app.deployments if d.name == "Scorer")
+    assert scorer.max_ongoing_requests >= load_config(None).serve.max_batch_size
+    assert scorer.autoscaling_config["min_replicas"] <= scorer.autoscaling_config["max_replicas"]
+    module, attribute = app.import_path.split(":")
+    monkeypatch.setenv("TLCR_CHECKPOINT", disc_dir)
+    built = getattr(importlib.import_module(module), attribute)(app.args)
+    assert {d.name for d in app.deployments} == {"Scorer", "TokenRewardAPI"} and built is not None
+    monkeypatch.delenv("TLCR_CHECKPOINT")
+    with pytest.raises(Exception, match="not a discriminator folder"):
+        getattr(importlib.import_module(module), attribute)({**app.args, "checkpoint": "/nonexistent"})
