@@ -96,6 +96,15 @@ def test_heldout_is_deterministic_and_keeps_pairs_together():
     assert stages.split_heldout(examples, 0.2, seed=0) == (train, heldout)
 
 
+def test_heldout_is_independent_of_the_data_partition():
+    from tlcr_ray.data import partition
+
+    pairs = [PreferencePair(f"{i:016x}", "p", "c", "r", "t") for i in range(500)]
+    first = partition(pairs, seed=0)["sft"][:40]  # what data.max_pairs keeps
+    train, heldout = stages.split_heldout([{"pair_id": p.pair_id} for p in first], 0.2, seed=0)
+    assert train and heldout
+
+
 def test_deepspeed_config_follows_train_config():
     ds = stages.deepspeed_config(TrainConfig(micro_batch_size=3, grad_accum=2, zero_stage=2, precision="bf16"))
     assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 2
@@ -192,3 +201,51 @@ def test_torchtrainer_zero2_two_workers_checkpoints_and_resumes(ray_local, tiny_
     monkeypatch.delenv(FAIL_AT_STEP_ENV)
     again = run_disc(cfg)
     assert again["resumed_from"] == 24
+
+
+# ---------------------------------------------------------------- tlcr eval disc | rm
+
+def _write_pairs(path, n: int) -> None:
+    rng = random.Random(5)
+    words = "apple river stone cloud paper green window light music table".split()
+    with open(path, "w") as fh:
+        for i in range(n):
+            a, b, c = (rng.choice(words) for _ in range(3))
+            prompt = f"\n\nHuman: Tell me about the {a} number {i}.\n\nAssistant:"
+            fh.write(json.dumps({"chosen": f"{prompt} The {a} is {b} and kindly {c}.",
+                                 "rejected": f"{prompt} The {a} is {b} and rudely {c}."}) + "\n")
+
+
+def test_eval_disc_and_rm_on_heldout_pairs(tiny_model_dir, tokenizer, tmp_path):
+    from argparse import Namespace
+
+    from tlcr_ray.data import load_split
+    from tlcr_ray.evaluate import run_cli
+    from tlcr_ray.labels import label_pair
+    from tlcr_ray.models import save_head_model
+
+    _write_pairs(tmp_path / "pairs.jsonl", 100)
+    cfg = load_config("configs/tiny.yaml", [f"output_dir={tmp_path / 'run'}", f"model.base={tiny_model_dir}",
+                                            f"data.path={tmp_path / 'pairs.jsonl'}", "data.max_pairs=null"])
+    pairs, _ = load_split(cfg.data, "all")
+    rows = [row for p in pairs for row in label_pair(tokenizer, p.pair_id, p.prompt, p.rejected, p.chosen)]
+    write_labels(cfg.stage_dir("label") / "labels.jsonl", rows)
+
+    torch.manual_seed(0)
+    disc = TokenDiscriminator.from_pretrained(tiny_model_dir, seed=0)
+    train, heldout, _ = stages.stage_examples(cfg, "disc", tokenizer)
+    assert heldout and not {e["pair_id"] for e in train} & {e["pair_id"] for e in heldout}
+    fit_in_process("disc", disc, train, steps=40, lr=3e-3, pad_id=tokenizer.pad_token_id)
+    save_head_model(disc, cfg.stage_dir("disc") / "model", tokenizer)
+    result = run_cli(cfg, Namespace(target="disc"))
+    assert json.loads((cfg.stage_dir("disc") / "eval.json").read_text())["token_accuracy"] == result["token_accuracy"]
+    assert result["token_accuracy"] >= 0.95 and result["heldout_pairs"] == len(heldout) // 2
+    assert result["positive_recall"] >= 0.9 and result["negative_recall"] >= 0.9
+    assert result["chosen_vs_rejected_accuracy"] >= 0.9
+
+    rm = SequenceRewardModel.from_pretrained(tiny_model_dir, seed=0)
+    train, heldout, _ = stages.stage_examples(cfg, "rm", tokenizer)
+    fit_in_process("rm", rm, train, steps=30, lr=3e-3, pad_id=tokenizer.pad_token_id)
+    save_head_model(rm, cfg.stage_dir("rm") / "model", tokenizer)
+    result = run_cli(cfg, Namespace(target="rm"))
+    assert result["pairs"] == len(heldout) > 0 and result["pairwise_accuracy"] >= 0.9

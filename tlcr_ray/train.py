@@ -89,7 +89,9 @@ def rm_examples(pairs, tokenizer, model_cfg, max_len: int) -> list[dict]:
 
 def is_heldout(pair_id: str, fraction: float, seed: int) -> bool:
     """Deterministic held-out membership by pair id, so training and `tlcr eval` agree without a file."""
-    digest = hashlib.sha1(f"{seed}:{pair_id}".encode()).hexdigest()
+    # Salted: data.partition orders pairs by sha1(f"{seed}:{pair_id}"), and an unsalted hash here would
+    # make a partition's first pairs (the ones `max_pairs` keeps) all held out.
+    digest = hashlib.sha1(f"heldout:{seed}:{pair_id}".encode()).hexdigest()
     return int(digest[:12], 16) / 16**12 < fraction
 
 
