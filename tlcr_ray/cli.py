@@ -22,6 +22,7 @@ import sys
 from typing import Callable
 
 from tlcr_ray.config import Config, ConfigError, load_config
+from tlcr_ray.data import DataError
 
 # subcommand -> (module, function, help). Functions take (cfg, args) and return a JSON-able summary.
 STAGES: dict[str, tuple[str, str, str]] = {
@@ -110,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
                 summary = run_stage(args.command, cfg, args)
     except ConfigError as exc:
         print(f"tlcr: config error: {exc}", file=sys.stderr)
+        return 2
+    except (DataError, FileNotFoundError) as exc:
+        print(f"tlcr: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tlcr: interrupted; finished work is kept and a rerun resumes", file=sys.stderr)
