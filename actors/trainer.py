@@ -11,6 +11,7 @@ and summary.json. Rerunning a stage restores its latest checkpoint and continues
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -48,13 +49,17 @@ def run_rm(cfg, args=None) -> dict:
 
 
 def ensure_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS (e.g. under `ray job submit`), else start a local Ray on 127.0.0.1."""
+    """Join the cluster named by RAY_ADDRESS (e.g. under `ray job submit`), else start a local Ray on 127.0.0.1.
+
+    `address="local"` because a bare `ray.init()` joins whatever /tmp/ray/ray_current_cluster names.
+    """
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
+    address = os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
 
 
 def train_stage(cfg, stage: str) -> dict:
@@ -140,7 +145,8 @@ class _ProgressFromMetrics:
                     if "step" in row:
                         bar.n = row["step"]
                         bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.3f}", refresh=False)
-                bar.refresh()
+                if lines:
+                    bar.refresh()
             if stopping:
                 break
         bar.close()
@@ -153,7 +159,6 @@ def _train_loop(config: dict) -> None:
     os.environ.update(config["env"])
     import deepspeed
     from deepspeed.utils import logger as ds_logger
-    import logging
 
     ds_logger.setLevel(logging.WARNING)
     stage, train_cfg, steps = config["stage"], TrainConfig(**config["train_cfg"]), config["total_steps"]
@@ -164,7 +169,9 @@ def _train_loop(config: dict) -> None:
     train, heldout = ray.get(config["train"]), ray.get(config["heldout"])
 
     torch.manual_seed(train_cfg.seed)
-    model = stages.build_model(stage, config["init"], "float32", seed=train_cfg.seed)
+    # Half-precision runs load half-precision weights (7B in fp32 is 28 GB per worker); DeepSpeed keeps fp32 masters.
+    dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(train_cfg.precision, "float32")
+    model = stages.build_model(stage, config["init"], dtype, seed=train_cfg.seed)
     optimizer = torch.optim.AdamW(stages.param_groups(model, train_cfg.weight_decay), lr=train_cfg.lr)
     warmup = round(train_cfg.warmup_ratio * steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(
