@@ -45,7 +45,7 @@ def _bundle(res) -> dict:
 class ActorGroups:
     """Rollout, reward, reference and learner actors, each group on its own PACKed placement group."""
 
-    def __init__(self, cfg: Config, policy_dir: str, rollout_dir: str, reward_dir: str):
+    def __init__(self, cfg: Config, policy_dir: str, rollout_dir: str, reward_dir: str, attempt: int = 0):
         ppo = cfg.ppo
         self.pgs = {}
         for name in ("rollout", "reward", "reference", "learner"):
@@ -59,7 +59,8 @@ class ActorGroups:
 
         def opts(name: str, i: int) -> dict:
             res = getattr(ppo, name)
-            return {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus, "resources": res.resources or None,
+            # Named per attempt so a recreated group never collides with a dying one.
+            return {"name": f"tlcr-ppo-{name}-{i}-a{attempt}", "num_cpus": res.num_cpus, "num_gpus": res.num_gpus, "resources": res.resources or None,
                     "scheduling_strategy": PlacementGroupSchedulingStrategy(self.pgs[name], placement_group_bundle_index=i)}
 
         dtype = cfg.model.dtype
@@ -70,7 +71,7 @@ class ActorGroups:
                         for i in range(ppo.reward.num_actors)]
         self.references = [Reference.options(**opts("reference", i)).remote(policy_dir, dtype, ppo.temperature)
                            for i in range(ppo.reference.num_actors)]
-        self.learners = LearnerGroup(policy_dir, ppo, dtype, self.pgs["learner"])
+        self.learners = LearnerGroup(policy_dir, ppo, dtype, self.pgs["learner"], name=f"tlcr-ppo-learner-a{attempt}")
 
     def actors(self) -> dict[str, list]:
         return {"rollout": self.rollouts, "reward": self.scorers, "reference": self.references,
@@ -82,6 +83,16 @@ class ActorGroups:
                 ray.kill(actor, no_restart=True)
         for pg in self.pgs.values():
             remove_placement_group(pg)
+
+
+def get_all(refs: list) -> list:
+    """ray.get that raises as soon as ANY ref fails: a dead rank must not wait behind a peer that is
+    blocked in a collective with it."""
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        ray.get(ready)
+    return ray.get(refs)
 
 
 def _split(n: int, parts: int) -> list[range]:
@@ -119,7 +130,7 @@ class Trainer:
         prompt_ids = self.next_prompts(state)
         seed = int(state["rng"].integers(2**31))
         chunks = _split(len(prompt_ids), len(g.rollouts))
-        gen = ray.get([r.generate.remote([prompt_ids[i] for i in rows], self.cfg.model.max_response_len,
+        gen = get_all([r.generate.remote([prompt_ids[i] for i in rows], self.cfg.model.max_response_len,
                                          ppo.temperature, ppo.top_p, seed + k)
                        for k, (r, rows) in enumerate(zip(g.rollouts, chunks))])
         batch = _merge([b for b, _ in gen])
@@ -130,7 +141,9 @@ class Trainer:
         ref_refs = [r.logprobs.remote(batch_ref, self.pad_id, rows)
                     for r, rows in zip(g.references, _split(len(prompt_ids), len(g.references)))]
         eval_refs = g.learners.call("evaluate", batch_ref, self.pad_id)
-        scores, refs, evals = ray.get(score_refs), ray.get(ref_refs), ray.get(eval_refs)
+        done = get_all(score_refs + ref_refs + eval_refs)
+        scores, refs = done[:len(score_refs)], done[len(score_refs):len(score_refs) + len(ref_refs)]
+        evals = done[len(score_refs) + len(ref_refs):]
         t_scored = time.perf_counter()
         cat = lambda parts, key: torch.cat([p[key] for p in parts])  # noqa: E731
         rewards = cat(scores, "rewards")
@@ -142,7 +155,7 @@ class Trainer:
                                       kl_coef=ppo.kl_coef, gamma=ppo.gamma, lam=ppo.lam,
                                       kl_estimator=ppo.kl_estimator, whiten=ppo.whiten_advantages)
         t_adv = time.perf_counter()
-        train = ray.get(g.learners.call("train", batch_ref, self.pad_id, ray.put(adv["advantages"]),
+        train = get_all(g.learners.call("train", batch_ref, self.pad_id, ray.put(adv["advantages"]),
                                         ray.put(adv["returns"]), ray.put(old_logprobs), ray.put(values)))
         t_trained = time.perf_counter()
         sync = self.sync_weights(batch)
@@ -182,19 +195,18 @@ class Trainer:
         start = time.perf_counter()
         state_refs = self.groups.learners.call("full_state_dict")  # collective under ZeRO-3
         loads = [r.load_state_dict.remote(state_refs[0]) for r in self.groups.rollouts]
-        compute = max(ray.get(loads))
-        ray.get(state_refs[1:])
+        compute = max(get_all(loads + state_refs[1:])[:len(loads)])
         out = {"seconds": time.perf_counter() - start, "time_sync_load": compute}
         if self.ppo.sync_check:
             probe = ([batch.prompt_ids[0]], [batch.response_ids[0]])
-            learner_lp = ray.get(self.groups.learners.call("score", *probe, self.pad_id))[0][0]
-            rollout_lp = ray.get(self.groups.rollouts[0].score.remote(*probe))[0]
+            learner_lp = get_all(self.groups.learners.call("score", *probe, self.pad_id))[0][0]
+            rollout_lp = get_all([self.groups.rollouts[0].score.remote(*probe)])[0][0]
             out["sync_logprob_err"] = float(np.max(np.abs(np.array(learner_lp) - np.array(rollout_lp))))
         return out
 
     def checkpoint(self, state: dict) -> Path:
         with self.ckpts.writing(state["step"]) as tmp:
-            ray.get(self.groups.learners.call("save_checkpoint", str(tmp)))
+            get_all(self.groups.learners.call("save_checkpoint", str(tmp)))
             write_json_atomic(tmp / "controller.json", {
                 "step": state["step"], "epoch": state["epoch"], "cursor": state["cursor"],
                 "rng": state["rng"].bit_generator.state, "mode": self.cfg.reward.mode})
@@ -259,9 +271,11 @@ def run(cfg: Config, args=None) -> dict:
     if not prompts:
         raise ConfigError(f"data.path {cfg.data.path}: the rl partition has no prompts")
     if not ray.is_initialized():
-        local = "RAY_ADDRESS" not in os.environ
-        ray.init(include_dashboard=False, **({"_node_ip_address": "127.0.0.1"} if local else {}),
-                 runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", str(Path.cwd()))}} if local else None)
+        if "RAY_ADDRESS" in os.environ:  # a Ray job: join the cluster that runs it
+            ray.init()
+        else:  # a fresh local Ray on loopback (never someone else's `ray start` on this machine)
+            ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
+                     runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}})
     failures, started = 0, time.perf_counter()
     while True:
         ckpt = ckpts.latest()
@@ -269,15 +283,15 @@ def run(cfg: Config, args=None) -> dict:
         metrics = MetricsLog(run_dir, resume_step=state["step"])
         groups = None
         try:
-            groups = ActorGroups(cfg, policy_dir, str(ckpt / "hf") if ckpt else policy_dir, reward_dir)
+            groups = ActorGroups(cfg, policy_dir, str(ckpt / "hf") if ckpt else policy_dir, reward_dir, failures)
             if ckpt is not None:
-                ray.get(groups.learners.call("load_checkpoint", str(ckpt)))
+                get_all(groups.learners.call("load_checkpoint", str(ckpt)))
             trainer = Trainer(cfg, groups, prompts, tokenizer.pad_token_id, ckpts, metrics, run_dir)
             trainer.run(state)
             final = run_dir / "model"
             tmp = run_dir / f".model.tmp-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
-            ray.get(groups.learners.call("export_hf", str(tmp)))
+            get_all(groups.learners.call("export_hf", str(tmp)))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             break

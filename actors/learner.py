@@ -27,13 +27,14 @@ class LearnerWorker:
 class LearnerGroup:
     """Creates the ranks on a placement group (one bundle each) and fans calls out to all of them."""
 
-    def __init__(self, policy_dir: str, ppo_cfg, dtype: str, placement_group, rendezvous_dir: str | None = None):
+    def __init__(self, policy_dir: str, ppo_cfg, dtype: str, placement_group, name: str = "tlcr-ppo-learner",
+                 rendezvous_dir: str | None = None):
         n = ppo_cfg.learner.num_actors
         # file:// rendezvous: torch's TCPStore would listen on every address.
         rendezvous = tempfile.mktemp(prefix="tlcr-learner-rdzv-", dir=rendezvous_dir)
         self.workers = [
             LearnerWorker.options(
-                num_cpus=ppo_cfg.learner.num_cpus, num_gpus=ppo_cfg.learner.num_gpus,
+                name=f"{name}-rank{rank}", num_cpus=ppo_cfg.learner.num_cpus, num_gpus=ppo_cfg.learner.num_gpus,
                 resources=ppo_cfg.learner.resources or None,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=rank),
             ).remote(policy_dir, ppo_cfg, rank, n, f"file://{rendezvous}", dtype)
