@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tlcr_ray.rollout import pack, policy_logprobs
-from tlcr_ray.vllm_rollout import weight_update_info, with_tied_lm_head
+from tlcr_ray.vllm_rollout import nccl_init_info, weight_update_info, with_tied_lm_head
 
 MAX_NEW = 12
 TOL = 1e-3  # fp32, max abs log-prob difference against HF
@@ -77,6 +77,22 @@ def test_tied_lm_head_is_added_as_a_copy_only_when_tied():
     assert "lm_head.weight" not in with_tied_lm_head({"model.embed_tokens.weight": embed}, False)
     with pytest.raises(KeyError, match="embed_tokens"):
         with_tied_lm_head({"model.norm.weight": embed[0]}, True)
+
+
+@pytest.mark.vllm
+def test_nccl_payloads_parse_into_the_installed_vllm_weight_transfer_types():
+    """The CUDA path up to the device boundary: vLLM's NCCL engine accepts our init/update payloads."""
+    pytest.importorskip("vllm")
+    from vllm.distributed.weight_transfer import packed_tensor
+    from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine as Engine
+
+    init = Engine.init_info_cls(**nccl_init_info("127.0.0.1", 29555, rank_offset=1, world_size=3))
+    assert (init.rank_offset, init.world_size, init.packed) == (1, 3, True)
+    assert init.packed_buffer_size_bytes == packed_tensor.DEFAULT_PACKED_BUFFER_SIZE_BYTES
+    assert init.packed_num_buffers == packed_tensor.DEFAULT_PACKED_NUM_BUFFERS
+    update = Engine.update_info_cls(**weight_update_info([("model.norm.weight", torch.zeros(4))]))
+    assert update.names == ["model.norm.weight"] and update.shapes == [[4]]
+    assert getattr(torch, update.dtype_names[0]) is torch.float32  # how the receiver rebuilds the dtype
 
 
 # ---- one vLLM engine -----------------------------------------------------------------------

@@ -65,6 +65,13 @@ def weight_update_info(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dic
     return {"names": names, "dtype_names": dtype_names, "shapes": shapes}
 
 
+def nccl_init_info(master_address: str, master_port: int, rank_offset: int, world_size: int) -> dict:
+    """The worker-side init payload of vLLM's "nccl" weight-transfer backend (packed broadcast)."""
+    return {"master_address": master_address, "master_port": master_port, "rank_offset": rank_offset,
+            "world_size": world_size, "packed": True, "packed_buffer_size_bytes": PACKED_BUFFER_SIZE_BYTES,
+            "packed_num_buffers": PACKED_NUM_BUFFERS}
+
+
 def with_tied_lm_head(state_dict: dict[str, torch.Tensor], tie_word_embeddings: bool) -> dict[str, torch.Tensor]:
     """Add `lm_head.weight` (a copy of the input embedding) for tied-embedding models.
 
@@ -199,10 +206,8 @@ class VLLMRollout:
         Ranks: the learner's sender is 0; this engine's TP workers take
         `rank_offset .. rank_offset + tensor_parallel_size - 1`; `world_size` counts all of them.
         """
-        self.llm.init_weight_transfer_engine({"init_info": {
-            "master_address": master_address, "master_port": master_port, "rank_offset": rank_offset,
-            "world_size": world_size, "packed": True, "packed_buffer_size_bytes": PACKED_BUFFER_SIZE_BYTES,
-            "packed_num_buffers": PACKED_NUM_BUFFERS}})
+        self.llm.init_weight_transfer_engine(
+            {"init_info": nccl_init_info(master_address, master_port, rank_offset, world_size)})
 
     def receive_weights(self, update_info: dict[str, list]) -> None:
         """Receive one broadcast round (`weight_update_info(...)` of what the sender sends)."""
