@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -42,15 +43,19 @@ def _namespaces_allowed() -> bool:
 
 @pytest.mark.skipif(not _namespaces_allowed(), reason="needs unshare (root) to isolate ray start/stop")
 def test_ray_job_submit_ppo_succeeds(tmp_path, tiny_model_dir, head_models):  # noqa: F811
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TMP": str(tmp_path / "ray"),
+    ray_tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: AF_UNIX socket paths are <= 107 bytes
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TMP": ray_tmp,
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     overrides = [f"output_dir={tmp_path / 'run'}", f"ppo.policy={tiny_model_dir}",
                  f"reward.discriminator={head_models['disc']}", "ppo.steps=2", "model.max_response_len=8",
                  "data.max_pairs=16"]
     args = [a for o in overrides for a in ("--set", o)]
-    proc = subprocess.run(["unshare", "-n", "-p", "-f", "--mount-proc", "bash", "-c", SCRIPT, "job", *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    try:
+        proc = subprocess.run(["unshare", "-n", "-p", "-f", "--mount-proc", "bash", "-c", SCRIPT, "job", *args],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     out = proc.stdout + proc.stderr
     assert "submit-exit=0" in out, out[-4000:]
     assert "SUCCEEDED" in out, out[-4000:]

@@ -1,0 +1,145 @@
+"""PPO benchmarks: step-time breakdown / orchestration share, and samples/s against TRL's PPO.
+
+    python bench/bench_ppo.py                     # both parts
+    python bench/bench_ppo.py --part breakdown --config configs/demo.yaml --steps 4
+    python bench/bench_ppo.py --part trl --steps 3
+
+breakdown: runs `tlcr ppo` (Ray actors) on the config; per step (the first, which includes actor
+start-up, is excluded) compute = generate + max(score, reference, learner eval) + train + weight
+load, each timed inside its actor; orchestration share = 1 - compute / wall step time. When the
+config's SFT or discriminator folders do not exist yet, the initial policy is the config's base
+model and the discriminator a fresh head on it (timings do not depend on the weights).
+
+trl: the same tiny random-init Llama, batch, prompt and response lengths, CPU, in one process run:
+our Ray PPO (hf rollout, 1 learner) vs trl==1.12.0 `PPOTrainer` (`pip install .[bench]`); the
+figure is our samples/s divided by TRL's, both measured on steps after the first.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import record  # noqa: E402
+
+
+def _ensure_models(cfg, work: Path) -> None:
+    from tlcr_ray.models import TokenDiscriminator, load_tokenizer, resolve_model, save_head_model
+
+    policy = cfg.ppo.policy or str(cfg.stage_dir("sft") / "model")
+    if not Path(resolve_model(policy)).exists():
+        cfg.ppo.policy = policy = resolve_model(cfg.model.base)
+    disc = cfg.reward.discriminator or str(cfg.stage_dir("disc") / "model")
+    if not Path(disc).exists():
+        disc = save_head_model(TokenDiscriminator.from_pretrained(policy, seed=0), work / "disc", load_tokenizer(policy))
+    cfg.reward.discriminator = str(disc)
+
+
+def run_ours(cfg) -> list[dict]:
+    from actors.controller import run
+
+    run(cfg)
+    rows = [json.loads(x) for x in (cfg.stage_dir(f"ppo-{cfg.reward.mode}") / "metrics.jsonl").read_text().splitlines()]
+    return rows[1:]  # step 1 includes actor start-up
+
+
+def breakdown(config: str, steps: int, work: Path) -> None:
+    from tlcr_ray.config import load_config
+
+    cfg = load_config(config, [f"output_dir={work / 'run'}", f"ppo.steps={steps + 1}", "ppo.resume=never",
+                               f"ppo.checkpoint_every={steps + 10}"])
+    _ensure_models(cfg, work)
+    rows = run_ours(cfg)
+    mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    compute = {"generate": mean("time_generate"),
+               "score||reference||eval": sum(max(r["time_score"], r["time_reference"], r["time_learner_eval"])
+                                            for r in rows) / len(rows),
+               "train": mean("time_train"), "weight_load": mean("time_sync_load")}
+    step = mean("time_step")
+    share = 1 - sum(compute.values()) / step
+    parts = ", ".join(f"{k} {v:.2f}s" for k, v in compute.items())
+    print(f"step {step:.2f}s: {parts}; score {mean('time_score'):.2f}s reference {mean('time_reference'):.2f}s "
+          f"learner eval {mean('time_learner_eval'):.2f}s; sync stage {mean('time_sync'):.2f}s")
+    record("ppo", "orchestration share of step wall time", f"{share:.1%}", "<= 10%",
+           f"{config}, {len(rows)} steps after warm-up, step {step:.2f}s ({parts})")
+
+
+def trl_samples_per_s(model_dir: str, prompts: list[list[int]], response_len: int, steps: int) -> float:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    from tlcr_ray.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    tokenizer.padding_side = "left"
+    batch = len(prompts)
+    stamps: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            stamps.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as out:
+        args = PPOConfig(output_dir=out, use_cpu=True, per_device_train_batch_size=batch, num_mini_batches=1,
+                         gradient_accumulation_steps=1, num_ppo_epochs=1, total_episodes=batch * (steps + 1),
+                         response_length=response_len, temperature=1.0, learning_rate=1e-6, report_to=[],
+                         save_strategy="no", logging_steps=10**6, kl_coef=0.1, seed=0, num_sample_generations=0)
+        trainer = PPOTrainer(
+            args=args, processing_class=tokenizer,
+            model=AutoModelForCausalLM.from_pretrained(model_dir),
+            ref_model=AutoModelForCausalLM.from_pretrained(model_dir),
+            reward_model=AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1),
+            value_model=AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1),
+            train_dataset=Dataset.from_dict({"input_ids": prompts * (steps + 1)}), callbacks=[Clock()])
+        trainer.train()
+    if len(stamps) < 2:
+        raise RuntimeError(f"TRL ran {len(stamps)} steps; need at least 2 to time one after warm-up")
+    return batch * (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def versus_trl(steps: int, work: Path, batch: int = 8, response_len: int = 32) -> None:
+    from tlcr_ray.config import load_config
+    from tlcr_ray.data import load_split
+    from tlcr_ray.models import build_tiny_llama, embedded_tokenizer_dir, load_tokenizer
+    from tlcr_ray.rollout import encode_prompts
+
+    model_dir = str(build_tiny_llama(work / "tiny", embedded_tokenizer_dir(), seed=0))
+    cfg = load_config("configs/tiny.yaml", [
+        f"output_dir={work / 'vs-trl'}", f"ppo.policy={model_dir}", f"ppo.steps={steps + 1}",
+        f"ppo.prompts_per_step={batch}", f"ppo.mini_batch_size={batch}", f"model.max_response_len={response_len}",
+        "ppo.learner.num_actors=1", "ppo.learner.num_cpus=1", "ppo.resume=never", f"ppo.checkpoint_every={steps + 10}",
+        "data.max_pairs=64"])
+    _ensure_models(cfg, work)
+    ours_rows = run_ours(cfg)
+    ours = batch / (sum(r["time_step"] for r in ours_rows) / len(ours_rows))
+    pairs, _ = load_split(cfg.data, "rl")
+    prompts = encode_prompts(load_tokenizer(model_dir), [p.prompt for p in pairs[:batch]], cfg.model.max_prompt_len)
+    theirs = trl_samples_per_s(model_dir, prompts, response_len, steps)
+    record("ppo", "samples/s vs TRL PPOTrainer (trl 1.12.0)", f"{ours / theirs:.2f}x", ">= 1.0x",
+           f"tiny Llama (hidden 64, 2 layers), batch {batch}, response {response_len} tokens, prompts <= "
+           f"{cfg.model.max_prompt_len}; ours {ours:.2f} samples/s (Ray: hf rollout + reward + reference + 1 "
+           f"DeepSpeed learner), TRL {theirs:.2f} samples/s (use_cpu, one process)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", choices=["breakdown", "trl", "all"], default="all")
+    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (one warm-up step is added)")
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    with tempfile.TemporaryDirectory(prefix="bench-ppo-") as tmp:
+        if args.part in ("breakdown", "all"):
+            breakdown(args.config, args.steps, Path(tmp))
+        if args.part in ("trl", "all"):
+            versus_trl(args.steps, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()
