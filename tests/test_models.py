@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,8 +67,10 @@ def test_sequence_score_is_read_at_last_real_token(tiny_model_dir, tokenizer):
     assert batched[0] == per_position[0, -1]
 
 
-def test_resolve_model_errors_and_passthrough(tiny_model_dir):
+def test_resolve_model_errors_and_passthrough(tiny_model_dir, monkeypatch):
     assert resolve_model(tiny_model_dir) == tiny_model_dir
+    monkeypatch.chdir(Path(tiny_model_dir).parent)
+    assert resolve_model(Path(tiny_model_dir).name) == tiny_model_dir  # relative folders come back absolute
     assert resolve_model("meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf"
     with pytest.raises(FileNotFoundError, match="not found"):
         resolve_model("./no/such/folder")

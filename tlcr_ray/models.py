@@ -140,7 +140,8 @@ def resolve_model(name_or_path: str) -> str:
             raise ValueError(f"unknown embedded model {name_or_path!r}; the only one is {EMBEDDED_PREFIX}{EMBEDDED_NAME}")
         return str(embedded_model_dir())
     if Path(name_or_path).expanduser().is_dir():
-        return str(Path(name_or_path).expanduser())
+        # Absolute: Ray workers run in another working directory.
+        return str(Path(name_or_path).expanduser().resolve())
     if name_or_path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model folder not found: {name_or_path}")
     return name_or_path
