@@ -40,6 +40,10 @@ class PPOLearner:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0")
+        if init_method.startswith("file://") and self.device.type == "cpu":
+            # One node: gloo would otherwise bind the hostname's address (unreachable in a loopback-only
+            # network, and against the 127.0.0.1-only rule).
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo",
                                    init_method=init_method, rank=rank, world_size=world_size,
                                    auto_mpi_discovery=False, verbose=False)
