@@ -136,13 +136,13 @@ def _namespace_prefix() -> list[str] | None:
     """`unshare` into new PID + mount + network namespaces, or None when this machine can't."""
     if os.geteuid() != 0 or not shutil.which("unshare"):
         return None
-    cmd = ["unshare", "--pid", "--fork", "--mount-proc", "--mount", "--net"]
+    cmd = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "--mount", "--net"]
     if subprocess.run([*cmd, "true"], capture_output=True).returncode != 0:
         return None
     return cmd
 
 
-def run_isolated(out_dir: Path, tlcr_args: list[str], timeout_s: float = 900) -> dict:
+def run_isolated(out_dir: Path, tlcr_args: list[str], timeout_s: float = 780) -> dict:
     prefix = _namespace_prefix()
     if prefix is None:
         pytest.skip("needs root + unshare: `ray stop --force` would kill every other Ray on this machine")
