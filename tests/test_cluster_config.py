@@ -220,13 +220,17 @@ def test_rayservice_manifest_validates_and_serves_the_token_reward_api(secret):
         assert {"name": "TLCR_API_KEY", "valueFrom": {"secretKeyRef": {"name": "tlcr-ray-auth", "key": "api_key"}}} \
             in container["env"], "the API's bearer key must come from the Secret"
     (app,) = _serve_applications(yaml.safe_load(doc["spec"]["serveConfigV2"])).values()
-    # The overrides are real config keys with values the Serve app accepts, and ask for a GPU.
+    # The overrides are real config keys with values the Serve app accepts; each scorer has a GPU.
     from serve.app import validate
     from tlcr_ray.config import load_config
 
     cfg = load_config(REPO / "configs" / Path(app["args"]["config"]).name, app["args"]["overrides"])
     validate(cfg.serve)
-    assert cfg.serve.num_gpus >= 1
+    scorer = next(d for d in app["deployments"] if d["name"] == "Scorer")
+    assert scorer["ray_actor_options"]["num_gpus"] >= 1
+    assert scorer["max_ongoing_requests"] >= cfg.serve.max_batch_size, "Serve would cap every batch"
+    gpu_group = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    assert scorer["autoscaling_config"]["max_replicas"] <= gpu_group["maxReplicas"]
 
 
 def test_rayservice_serves_the_same_application_as_deploy_serve_yaml():
@@ -236,8 +240,11 @@ def test_rayservice_serves_the_same_application_as_deploy_serve_yaml():
     for name, app in service.items():
         for key in ("import_path", "route_prefix"):
             assert app.get(key) == local[name].get(key), f"{name}.{key} differs from deploy/serve.yaml"
-        # Paths and sizes differ between a laptop and the cluster; which args exist must not.
+        # Paths and sizes differ between a laptop and the cluster; which args and deployment
+        # settings exist must not.
         assert set(app.get("args", {})) <= set(local[name].get("args", {})) | {"config", "checkpoint", "overrides"}
+        shape = lambda a: {d["name"]: sorted(d) for d in a.get("deployments", [])}  # noqa: E731
+        assert shape(app) == shape(local[name])
 
 
 # --- the configs' resource requests against the cluster -----------------------------------------
