@@ -172,8 +172,8 @@ def run_cli(cfg: Config, args) -> dict:
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
             ray.init()
-        else:  # a fresh local Ray listens on loopback only
-            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
+        else:  # a fresh local Ray (not whatever `ray start` left running), on loopback only
+            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(application, name=APP_NAME, route_prefix="/")
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
