@@ -42,7 +42,8 @@ def ray_local():
     """One local Ray for the session, listening on 127.0.0.1 only (no dashboard)."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
+        # address="local": never join a cluster someone left running on this machine.
+        ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
                  runtime_env={"env_vars": {"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"],
                                            "PYTHONPATH": str(REPO)}},
                  log_to_driver=False)

@@ -149,10 +149,11 @@ def resolve_model(name_or_path: str) -> str:
 
 # ---------------------------------------------------------------- tokenizer, policy, tiny test model
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str | Path):
     """Tokenizer with a pad token (eos when the model has none) and right padding."""
     from transformers import AutoTokenizer
 
+    path = str(path)
     if path.startswith(EMBEDDED_PREFIX):
         path = str(embedded_tokenizer_dir())
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(path))
