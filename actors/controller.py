@@ -29,7 +29,7 @@ from actors.rollout import Rollout
 from tlcr_ray.config import ConfigError, Config
 from tlcr_ray.ppo import advantages_from_rollout, masked_mean
 from tlcr_ray.rewards import MODES
-from tlcr_ray.rollout import RolloutBatch, encode_prompts
+from tlcr_ray.rollout import RolloutBatch, encode_prompts, weight_sync_method
 from tlcr_ray.run_state import CheckpointDir, MetricsLog, read_json, write_json_atomic
 
 ACTOR_LOST = (RayActorError,)  # ActorDiedError and ActorUnavailableError are subclasses
@@ -64,14 +64,34 @@ class ActorGroups:
                     "scheduling_strategy": PlacementGroupSchedulingStrategy(self.pgs[name], placement_group_bundle_index=i)}
 
         dtype = cfg.model.dtype
+        engine_kwargs = {"dtype": dtype, "gpu_memory_utilization": ppo.vllm_memory_utilization,
+                         "tensor_parallel_size": ppo.vllm_tensor_parallel, "kv_cache_gib": ppo.vllm_kv_cache_gib,
+                         # +1: scoring a full prompt + response still asks vLLM for one new token.
+                         "max_model_len": cfg.model.max_prompt_len + cfg.model.max_response_len + 1}
         self.rollouts = [Rollout.options(**opts("rollout", i)).remote(
-            rollout_dir, ppo.rollout_backend, dtype, ppo.vllm_memory_utilization, ppo.vllm_tensor_parallel, ppo.seed + i)
+            rollout_dir, ppo.rollout_backend, {**engine_kwargs, "seed": ppo.seed + i})
             for i in range(ppo.rollout.num_actors)]
         self.scorers = [RewardScorer.options(**opts("reward", i)).remote(reward_dir, cfg.reward, dtype)
                         for i in range(ppo.reward.num_actors)]
         self.references = [Reference.options(**opts("reference", i)).remote(policy_dir, dtype, ppo.temperature)
                            for i in range(ppo.reference.num_actors)]
         self.learners = LearnerGroup(policy_dir, ppo, dtype, self.pgs["learner"], name=f"tlcr-ppo-learner-a{attempt}")
+        get_all(self.learners.ready)
+        self.sync_method = weight_sync_method(ppo.rollout_backend, ppo.learner.num_gpus > 0)
+        self.weight_update_info = self.connect_nccl_sync(ppo) if self.sync_method == "nccl" else None
+
+    def connect_nccl_sync(self, ppo) -> dict:
+        """One NCCL group: learner rank 0 is rank 0, rollout i's TP workers follow it. Returns the
+        (fixed) names/dtypes/shapes every broadcast round sends."""
+        tp = ppo.vllm_tensor_parallel
+        world_size = 1 + len(self.rollouts) * tp
+        address = self.learners.node_ips[0]
+        port = ray.get(self.learners.workers[0].free_port.remote())
+        info = get_all(self.learners.call("weight_update_info"))[0]
+        # Both sides block inside the group's init until all have joined: issue them together.
+        get_all([r.init_weight_sync.remote(address, port, 1 + i * tp, world_size) for i, r in enumerate(self.rollouts)]
+                + self.learners.call("init_weight_sender", address, port, world_size))
+        return info
 
     def actors(self) -> dict[str, list]:
         return {"rollout": self.rollouts, "reward": self.scorers, "reference": self.references,
@@ -191,17 +211,32 @@ class Trainer:
         return row
 
     def sync_weights(self, batch: RolloutBatch) -> dict:
-        """Learner rank 0's state dict -> every rollout engine (one object, put once by the return)."""
+        """Updated learner weights -> every rollout engine.
+
+        object_store: rank 0's CPU state dict, one object put once by the return, loaded by each engine.
+        nccl: rank 0 broadcasts from GPU while each vLLM engine receives (issued together).
+        The check (ppo.sync_check) scores the batch's first sequence on rollout 0 before and after the
+        load and on the learner: `sync_logprob_err` (rollout vs learner, ~0 when the sync worked) and
+        `sync_logprob_change` (rollout before vs after, > 0 when the update reached the engine).
+        """
+        g = self.groups
+        probe = ([batch.prompt_ids[0]], [batch.response_ids[0]])
+        before = g.rollouts[0].score.remote(*probe) if self.ppo.sync_check else None  # runs before the load
         start = time.perf_counter()
-        state_refs = self.groups.learners.call("full_state_dict")  # collective under ZeRO-3
-        loads = [r.load_state_dict.remote(state_refs[0]) for r in self.groups.rollouts]
-        compute = max(get_all(loads + state_refs[1:])[:len(loads)])
+        if g.sync_method == "nccl":
+            sends = g.learners.call("send_weights")  # collective under ZeRO-3
+            loads = [r.receive_weights.remote(g.weight_update_info) for r in g.rollouts]
+            compute = max(get_all(loads + sends)[:len(loads)])
+        else:
+            state_refs = g.learners.call("full_state_dict")  # collective under ZeRO-3
+            loads = [r.load_state_dict.remote(state_refs[0]) for r in g.rollouts]
+            compute = max(get_all(loads + state_refs[1:])[:len(loads)])
         out = {"seconds": time.perf_counter() - start, "time_sync_load": compute}
         if self.ppo.sync_check:
-            probe = ([batch.prompt_ids[0]], [batch.response_ids[0]])
-            learner_lp = get_all(self.groups.learners.call("score", *probe, self.pad_id))[0][0]
-            rollout_lp = get_all([self.groups.rollouts[0].score.remote(*probe)])[0][0]
-            out["sync_logprob_err"] = float(np.max(np.abs(np.array(learner_lp) - np.array(rollout_lp))))
+            learner_lp = np.array(get_all(g.learners.call("score", *probe, self.pad_id))[0][0])
+            rollout_before, rollout_after = (np.array(lp[0]) for lp in get_all([before, g.rollouts[0].score.remote(*probe)]))
+            out["sync_logprob_err"] = float(np.max(np.abs(learner_lp - rollout_after)))
+            out["sync_logprob_change"] = float(np.max(np.abs(rollout_after - rollout_before)))
         return out
 
     def checkpoint(self, state: dict) -> Path:

@@ -11,12 +11,10 @@ from tlcr_ray.rollout import RolloutBatch, make_engine
 
 @ray.remote(max_restarts=0)
 class Rollout:
-    def __init__(self, model_dir: str, backend: str, dtype: str = "float32", memory_utilization: float = 0.5,
-                 tensor_parallel: int = 1, seed: int = 0):
+    def __init__(self, model_dir: str, backend: str, engine_kwargs: dict):
+        """`engine_kwargs`: `tlcr_ray.rollout.make_engine` keywords (dtype, seed, vLLM sizes)."""
         device = "cuda" if ray.get_gpu_ids() else "cpu"
-        self.engine = make_engine(backend, model_dir, dtype=dtype, device=device,
-                                  gpu_memory_utilization=memory_utilization,
-                                  tensor_parallel_size=tensor_parallel, seed=seed)
+        self.engine = make_engine(backend, model_dir, device=device, **engine_kwargs)
 
     def pid(self) -> int:
         return os.getpid()
@@ -32,6 +30,15 @@ class Rollout:
         """The state dict arrives resolved from its object ref (put once by the learner's return)."""
         start = time.perf_counter()
         self.engine.load_state_dict(state_dict)
+        return time.perf_counter() - start
+
+    # CUDA + vLLM only: the NCCL broadcast from learner rank 0 (see tlcr_ray.vllm_rollout).
+    def init_weight_sync(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
+        self.engine.init_weight_sync(master_address, master_port, rank_offset, world_size)
+
+    def receive_weights(self, update_info: dict) -> float:
+        start = time.perf_counter()
+        self.engine.receive_weights(update_info)
         return time.perf_counter() - start
 
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:

@@ -166,6 +166,8 @@ class PPOConfig:
     """vllm, hf, or auto (vLLM when importable)."""
     vllm_tensor_parallel: int = 1
     vllm_memory_utilization: float = 0.5
+    vllm_kv_cache_gib: float | None = None
+    """Fixed vLLM KV-cache size (GiB); None: vllm_memory_utilization of the device (RAM on CPU)."""
     zero_stage: int = 2
     max_grad_norm: float = 1.0
     entropy_coef: float = 0.0

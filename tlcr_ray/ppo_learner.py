@@ -21,6 +21,32 @@ from tlcr_ray.ppo import entropy_from_logits, masked_mean, policy_loss, value_lo
 from tlcr_ray.rollout import PackedBatch, RolloutBatch, pack, response_logits, select_rows, token_logprobs
 
 
+def needs_tcp_rendezvous(node_ips: list[str], on_gpu: bool) -> bool:
+    """file:// lives in one node's /tmp, so ranks on several nodes (or NCCL ranks, which may be
+    spread over GPUs of different hosts) must meet over TCP at rank 0's address instead."""
+    return on_gpu or len(set(node_ips)) > 1
+
+
+def rendezvous_init_method(node_ips: list[str], on_gpu: bool, file_path: str, rank0_port: int | None = None) -> str:
+    """torch.distributed init_method for ranks on `node_ips` (rank order): `tcp://<rank 0 ip>:<port>`
+    when `needs_tcp_rendezvous`, else `file://<file_path>` (TCPStore would listen on all addresses)."""
+    if not needs_tcp_rendezvous(node_ips, on_gpu):
+        return f"file://{file_path}"
+    if rank0_port is None:
+        raise ValueError("a TCP rendezvous needs rank 0's port (free_port() on rank 0's node)")
+    host = node_ips[0]
+    return f"tcp://[{host}]:{rank0_port}" if ":" in host else f"tcp://{host}:{rank0_port}"
+
+
+def free_port(host: str = "") -> int:
+    """A port free on this node right now (the caller's process binds it soon after)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
 def shard_rows(batch_size: int, rank: int, world_size: int) -> range:
     """Contiguous block of rows for `rank`; blocks differ in size by at most one."""
     base, extra = divmod(batch_size, world_size)
@@ -147,17 +173,46 @@ class PPOLearner:
                 "entropy": entropy_mean.item()}
 
     # ------------------------------------------------------------------ weights and checkpoints
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """HF-named policy weights on CPU (rank 0; None elsewhere). Collective under ZeRO-3."""
+    def full_state_dict(self, device: str = "cpu") -> dict[str, torch.Tensor] | None:
+        """HF-named policy weights on `device` (rank 0; None elsewhere). Collective under ZeRO-3."""
         module = self.actor.module
+        copy = lambda: {k: v.detach().to(device).clone() for k, v in module.state_dict().items()}  # noqa: E731
         if self.cfg.zero_stage == 3:
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if self.rank == 0 else None
-        else:
-            state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if self.rank == 0 else None
-        return state
+                return copy() if self.rank == 0 else None
+        return copy() if self.rank == 0 else None
+
+    # CUDA + vLLM weight sync: rank 0 broadcasts into the vLLM workers over a stateless NCCL group.
+    @property
+    def tie_word_embeddings(self) -> bool:
+        return bool(getattr(self.actor.module.config, "tie_word_embeddings", False))
+
+    def weight_update_info(self) -> dict | None:
+        """Names, dtypes and shapes of what `send_weights` broadcasts, in send order (rank 0; None
+        elsewhere; collective under ZeRO-3). Fixed for a run, so the receivers get it once."""
+        from tlcr_ray.vllm_rollout import weight_update_info, with_tied_lm_head
+
+        state = self.full_state_dict()
+        return None if state is None else weight_update_info(with_tied_lm_head(state, self.tie_word_embeddings).items())
+
+    def init_weight_sender(self, master_address: str, master_port: int, world_size: int) -> None:
+        """Rank 0 takes rank 0 of the NCCL group; blocks until every vLLM worker has joined."""
+        if self.rank == 0:
+            from tlcr_ray.vllm_rollout import NCCLWeightSender
+
+            self.sender = NCCLWeightSender(master_address, master_port, world_size)
+
+    def send_weights(self) -> float:
+        """One broadcast round (all ranks call it: gathering is collective under ZeRO-3)."""
+        from tlcr_ray.vllm_rollout import cuda_named_tensors
+
+        start = time.perf_counter()
+        state = self.full_state_dict(device=str(self.device))
+        if state is not None:
+            self.sender.send(cuda_named_tensors(state, self.tie_word_embeddings))
+        return time.perf_counter() - start
 
     @torch.no_grad()
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> list[list[float]]:

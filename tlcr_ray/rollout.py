@@ -161,13 +161,23 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
+def weight_sync_method(backend: str, learner_on_cuda: bool) -> str:
+    """How learner weights reach the rollout engines: "nccl" (learner rank 0 broadcasts into the
+    vLLM workers, GPU to GPU) when vLLM serves a CUDA learner, else "object_store" (a CPU state dict
+    put once and loaded by every engine)."""
+    return "nccl" if learner_on_cuda and resolve_backend(backend) == "vllm" else "object_store"
+
+
 def make_engine(backend: str, model_dir: str, *, dtype: str = "float32", device: str = "cpu",
-                gpu_memory_utilization: float = 0.5, tensor_parallel_size: int = 1, seed: int = 0) -> RolloutEngine:
+                gpu_memory_utilization: float = 0.5, tensor_parallel_size: int = 1, seed: int = 0,
+                kv_cache_gib: float | None = None, max_model_len: int | None = None) -> RolloutEngine:
+    """The configured backend; the vLLM-only arguments are ignored by the HF one."""
     if resolve_backend(backend) == "vllm":
         from tlcr_ray.vllm_rollout import VLLMRollout
 
         return VLLMRollout(model_dir, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
-                           tensor_parallel_size=tensor_parallel_size, seed=seed)
+                           tensor_parallel_size=tensor_parallel_size, seed=seed, kv_cache_gib=kv_cache_gib,
+                           max_model_len=max_model_len)
     return HFRollout(model_dir, dtype=dtype, device=device)
 
 
