@@ -57,10 +57,14 @@ class ActorGroups:
                                    f"(available: {ray.available_resources()})")
             self.pgs[name] = pg
 
+        # Merged into the job's runtime env; Ray keeps an OMP_NUM_THREADS that is already set.
+        runtime_env = {"env_vars": {"OMP_NUM_THREADS": str(ppo.threads_per_actor)}} if ppo.threads_per_actor else None
+
         def opts(name: str, i: int) -> dict:
             res = getattr(ppo, name)
             # Named per attempt so a recreated group never collides with a dying one.
-            return {"name": f"tlcr-ppo-{name}-{i}-a{attempt}", "num_cpus": res.num_cpus, "num_gpus": res.num_gpus, "resources": res.resources or None,
+            return {"name": f"tlcr-ppo-{name}-{i}-a{attempt}", "num_cpus": res.num_cpus, "num_gpus": res.num_gpus,
+                    "resources": res.resources or None, "runtime_env": runtime_env,
                     "scheduling_strategy": PlacementGroupSchedulingStrategy(self.pgs[name], placement_group_bundle_index=i)}
 
         dtype = cfg.model.dtype
@@ -75,7 +79,8 @@ class ActorGroups:
                         for i in range(ppo.reward.num_actors)]
         self.references = [Reference.options(**opts("reference", i)).remote(policy_dir, dtype, ppo.temperature)
                            for i in range(ppo.reference.num_actors)]
-        self.learners = LearnerGroup(policy_dir, ppo, dtype, self.pgs["learner"], name=f"tlcr-ppo-learner-a{attempt}")
+        self.learners = LearnerGroup(policy_dir, ppo, dtype, self.pgs["learner"], name=f"tlcr-ppo-learner-a{attempt}",
+                                     runtime_env=runtime_env)
         get_all(self.learners.ready)
         self.sync_method = weight_sync_method(ppo.rollout_backend, ppo.learner.num_gpus > 0)
         self.weight_update_info = self.connect_nccl_sync(ppo) if self.sync_method == "nccl" else None

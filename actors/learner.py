@@ -41,12 +41,12 @@ class LearnerGroup:
     """Creates the ranks on a placement group (one bundle each) and fans calls out to all of them."""
 
     def __init__(self, policy_dir: str, ppo_cfg, dtype: str, placement_group, name: str = "tlcr-ppo-learner",
-                 rendezvous_dir: str | None = None):
+                 rendezvous_dir: str | None = None, runtime_env: dict | None = None):
         n = ppo_cfg.learner.num_actors
         self.workers = [
             LearnerWorker.options(
                 name=f"{name}-rank{rank}", num_cpus=ppo_cfg.learner.num_cpus, num_gpus=ppo_cfg.learner.num_gpus,
-                resources=ppo_cfg.learner.resources or None,
+                resources=ppo_cfg.learner.resources or None, runtime_env=runtime_env,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=rank),
             ).remote()
             for rank in range(n)

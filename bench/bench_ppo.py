@@ -31,9 +31,11 @@ from bench.common import record  # noqa: E402
 def _ensure_models(cfg, work: Path) -> None:
     from tlcr_ray.models import TokenDiscriminator, load_tokenizer, resolve_model, save_head_model
 
-    policy = cfg.ppo.policy or str(cfg.stage_dir("sft") / "model")
-    if not Path(resolve_model(policy)).exists():
-        cfg.ppo.policy = policy = resolve_model(cfg.model.base)
+    try:
+        policy = resolve_model(cfg.ppo.policy or str(cfg.stage_dir("sft") / "model"))
+    except FileNotFoundError:  # no SFT run yet: start from the base model
+        policy = resolve_model(cfg.model.base)
+    cfg.ppo.policy = policy
     disc = cfg.reward.discriminator or str(cfg.stage_dir("disc") / "model")
     if not Path(disc).exists():
         disc = save_head_model(TokenDiscriminator.from_pretrained(policy, seed=0), work / "disc", load_tokenizer(policy))
@@ -114,6 +116,7 @@ def versus_trl(steps: int, work: Path, batch: int = 8, response_len: int = 32) -
         f"output_dir={work / 'vs-trl'}", f"ppo.policy={model_dir}", f"ppo.steps={steps + 1}",
         f"ppo.prompts_per_step={batch}", f"ppo.mini_batch_size={batch}", f"model.max_response_len={response_len}",
         "ppo.learner.num_actors=1", "ppo.learner.num_cpus=1", "ppo.resume=never", f"ppo.checkpoint_every={steps + 10}",
+        f"ppo.threads_per_actor={os.cpu_count()}",  # stages run one at a time; TRL's one process uses every core too
         "data.max_pairs=64"])
     _ensure_models(cfg, work)
     ours_rows = run_ours(cfg)
@@ -124,7 +127,7 @@ def versus_trl(steps: int, work: Path, batch: int = 8, response_len: int = 32) -
     record("ppo", "samples/s vs TRL PPOTrainer (trl 1.12.0)", f"{ours / theirs:.2f}x", ">= 1.0x",
            f"tiny Llama (hidden 64, 2 layers), batch {batch}, response {response_len} tokens, prompts <= "
            f"{cfg.model.max_prompt_len}; ours {ours:.2f} samples/s (Ray: hf rollout + reward + reference + 1 "
-           f"DeepSpeed learner), TRL {theirs:.2f} samples/s (use_cpu, one process)")
+           f"DeepSpeed learner, {cfg.ppo.threads_per_actor} threads each, sync check on), TRL {theirs:.2f} samples/s (use_cpu, one process)")
 
 
 def main() -> None:

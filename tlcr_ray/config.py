@@ -166,6 +166,9 @@ class PPOConfig:
     """vllm, hf, or auto (vLLM when importable)."""
     vllm_tensor_parallel: int = 1
     vllm_memory_utilization: float = 0.5
+    threads_per_actor: int = 0
+    """torch/OMP threads in each PPO actor (0: Ray's default, the actor's num_cpus). The loop's stages
+    run mostly one after another, so on a small CPU machine every actor may use all cores."""
     vllm_kv_cache_gib: float | None = None
     """Fixed vLLM KV-cache size (GiB); None: vllm_memory_utilization of the device (RAM on CPU)."""
     zero_stage: int = 2
