@@ -19,18 +19,17 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
 
 from tqdm import tqdm
 
-from tlcr_ray.config import ConfigError, EvalConfig
+from tlcr_ray.config import EvalConfig
+from tlcr_ray.revise import api_key_from_env
 
 JUDGE_VERSION = "judge-v1"
 """Bump when the parsers or our pairwise prompt change: old cached judgments are then ignored."""
 MT_BENCH_REF_CATEGORIES = ("math", "reasoning", "coding")
 """Categories graded against GPT-4's reference answer (the single-math-v1 templates), as in MT-Bench."""
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
-_LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
 
 _RATING = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
 _VERDICT = re.compile(r"\[\[\s*(A|B|TIE)\s*\]\]", re.IGNORECASE)
@@ -189,14 +188,7 @@ class JsonlCache:
 
 
 def judge_api_key(cfg: EvalConfig, base_url: str) -> str:
-    """The key comes only from the environment; a local server gets a dummy one when none is set."""
-    key = os.environ.get(cfg.api_key_env)
-    if key:
-        return key
-    if urlparse(base_url).hostname in _LOCAL_HOSTS:
-        return "local-no-key"
-    raise ConfigError(f"eval.api_key_env: environment variable {cfg.api_key_env} is not set; "
-                      f"it must hold the API key for the judge at {base_url}")
+    return api_key_from_env(cfg.api_key_env, base_url, "eval.api_key_env")
 
 
 async def _judge_one(client, request: JudgeRequest, judge_model: str, cfg: EvalConfig) -> dict:

@@ -182,7 +182,7 @@ class OpenAIReviser:
         self.cfg = cfg
         self.tokenize = tokenize
         base_url = cfg.base_url or DEFAULT_BASE_URL
-        self.client = AsyncOpenAI(api_key=_api_key(cfg, base_url), base_url=base_url, http_client=_http_client(),
+        self.client = AsyncOpenAI(api_key=api_key_from_env(cfg.api_key_env, base_url, "reviser.api_key_env"), base_url=base_url, http_client=_http_client(),
                                   timeout=cfg.timeout_s, max_retries=cfg.max_retries)
 
     def key(self, pair: PairLike) -> str:
@@ -253,14 +253,14 @@ def _is_transient(exc: Exception) -> bool:
     return status is not None and (status in (408, 409, 429) or status >= 500)
 
 
-def _api_key(cfg: ReviserConfig, base_url: str) -> str:
+def api_key_from_env(env_var: str, base_url: str, config_key: str) -> str:
     """The key comes only from the environment; a local server gets a dummy one when none is set."""
-    key = os.environ.get(cfg.api_key_env)
+    key = os.environ.get(env_var)
     if key:
         return key
     if urlparse(base_url).hostname in _LOCAL_HOSTS:
         return "local-no-key"
-    raise ConfigError(f"reviser.api_key_env: environment variable {cfg.api_key_env} is not set; "
+    raise ConfigError(f"{config_key}: environment variable {env_var} is not set; "
                       f"it must hold the API key for {base_url}")
 
 
