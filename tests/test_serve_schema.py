@@ -6,7 +6,6 @@ import socket
 
 import pytest
 import requests
-import torch
 from hypothesis import HealthCheck, given, settings
 
 from tlcr_ray.config import load_config
