@@ -23,7 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from tlcr_ray.config import EvalConfig
-from tlcr_ray.revise import api_key_from_env
+from tlcr_ray.revise import api_key_from_env, read_keyed_jsonl
 
 JUDGE_VERSION = "judge-v1"
 """Bump when the parsers or our pairwise prompt change: old cached judgments are then ignored."""
@@ -159,25 +159,7 @@ class JsonlCache:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.rows: dict[str, dict] = {}
-        if self.path.exists():
-            self._load()
-
-    def _load(self) -> None:
-        data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            # A kill mid-write leaves a torn last line: drop it so the next append starts clean.
-            data = data[: data.rfind(b"\n") + 1]
-            with self.path.open("r+b") as fh:
-                fh.truncate(len(data))
-        for lineno, line in enumerate(data.decode("utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                    self.rows[row["key"]] = row
-                except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                    raise ValueError(f"{self.path}:{lineno}: corrupt cache row ({exc}); "
-                                     "delete the line to redo it") from None
+        self.rows = read_keyed_jsonl(self.path)
 
     def add(self, row: dict) -> None:
         with self.path.open("a", encoding="utf-8") as fh:

@@ -274,6 +274,32 @@ def make_reviser(cfg: ReviserConfig, tokenize: Callable[[str], list[int]] | None
     raise ConfigError(f"reviser.kind: unknown reviser {cfg.kind!r}; expected chosen or openai")
 
 
+def read_keyed_jsonl(path: Path) -> dict[str, dict]:
+    """Rows of an append-only JSONL cache by their `key` (the last row of a key wins).
+
+    A kill mid-write leaves a torn last line: it is cut off so the next append starts clean. Any
+    other unreadable line is an error naming file and line.
+    """
+    if not path.exists():
+        return {}
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        with path.open("r+b") as fh:
+            fh.truncate(len(data))
+    rows: dict[str, dict] = {}
+    for lineno, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            rows[row["key"]] = row
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}:{lineno}: corrupt cache row ({exc}); "
+                             "delete the line to redo that request") from None
+    return rows
+
+
 class RevisionCache:
     """Append-only JSONL of finished results keyed by `key`.
 
@@ -285,31 +311,12 @@ class RevisionCache:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.rows: dict[str, dict] = {}
-        if self.path.exists():
-            self._load()
+        self.rows = read_keyed_jsonl(self.path)
         self._fh = self.path.open("a", encoding="utf-8")
         self._dirty = threading.Event()
         self._closed = False
         self._syncer = threading.Thread(target=self._sync_loop, name="revision-cache-fsync", daemon=True)
         self._syncer.start()
-
-    def _load(self) -> None:
-        data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            # A kill mid-write leaves a torn last line: cut it so the next append starts clean.
-            data = data[: data.rfind(b"\n") + 1]
-            with self.path.open("r+b") as fh:
-                fh.truncate(len(data))
-        for lineno, line in enumerate(data.decode("utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                self.rows[row["key"]] = row
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ValueError(f"{self.path}:{lineno}: corrupt revision cache row ({exc}); "
-                                 "delete the line or the file to re-request it") from None
 
     def __contains__(self, key: str) -> bool:
         return key in self.rows
