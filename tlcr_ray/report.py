@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from tlcr_ray.config import Config, load_config
+from tlcr_ray.config import Config, load_config, to_dict
 
 # Curves drawn per PPO step: (file stem, title, metric key in ppo-*/metrics.jsonl).
 CURVES = [
@@ -168,7 +168,7 @@ def write_markdown(cfg: Config, run_dir: Path, table: dict, plots: list[str], ou
                      f"{_fmt(row['continuous_sum'])} | {row['mean_length']:.1f} |")
     lines += ["", "## PPO curves", ""] + [f"![{p}]({p})" for p in plots]
     lines += ["", "Token heat-map: [heatmap.html](heatmap.html)", "", "## Configuration", "", "```yaml",
-              yaml.safe_dump(json.loads(json.dumps(cfg, default=lambda o: o.__dict__)), sort_keys=False).rstrip(),
+              yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip(),
               "```", ""]
     (out / "report.md").write_text("\n".join(lines))
 
