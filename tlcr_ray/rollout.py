@@ -85,7 +85,7 @@ def response_logits(logits: torch.Tensor, packed: PackedBatch) -> torch.Tensor:
 
 
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """[batch, R, vocab] logits, [batch, R] ids -> [batch, R] log-probs of the ids (float32)."""
+    """[..., vocab] logits, [...] ids -> [...] log-probs of the ids (float32), e.g. [batch, R, vocab] -> [batch, R]."""
     logp = F.log_softmax(logits.float() / max(temperature, 1e-6), dim=-1)
     return logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
 
@@ -126,9 +126,13 @@ class HFRollout:
             do_sample=sample, temperature=temperature if sample else None, top_p=top_p if sample else None,
             top_k=0 if sample else None, max_new_tokens=max_new_tokens, pad_token_id=self.pad_id,
             eos_token_id=sorted(self.eos_ids) or None, output_logits=True, return_dict_in_generate=True)
-        new = out.sequences[:, P:].cpu()
-        logits = torch.stack(out.logits, dim=1).cpu()  # [batch, new, vocab], before any warping
-        logp = token_logprobs(logits, new, temperature if sample else 1.0)
+        new = out.sequences[:, P:]
+        # One step's [batch, vocab] logits at a time (before any warping), on the model's device: the
+        # stacked [batch, new, vocab] tensor was ~0.8 GB at batch 32 and its copy to the CPU cost up to
+        # a third of generate() on a GPU (bench/gpu_check.py).
+        logp = torch.stack([token_logprobs(step_logits, new[:, t], temperature if sample else 1.0)
+                            for t, step_logits in enumerate(out.logits)], dim=1).cpu()
+        new = new.cpu()
         batch = RolloutBatch([list(p) for p in prompt_ids], [], [], [])
         for row, row_logp in zip(new.tolist(), logp.tolist()):
             end = next((i + 1 for i, t in enumerate(row) if t in self.eos_ids), None)
