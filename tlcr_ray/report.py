@@ -17,7 +17,7 @@ from tlcr_ray.config import Config, load_config, to_dict
 
 # Curves drawn per PPO step: (file stem, title, metric key in ppo-*/metrics.jsonl).
 CURVES = [
-    ("reward", "token-mean reward", "reward_token_mean"),
+    ("reward", "token-mean training reward (each mode's own)", "reward_token_mean"),
     ("kl", "KL to the reference (per token)", "kl"),
     ("length", "response length (tokens)", "response_len"),
     ("perplexity", "perplexity of sampled responses", "perplexity"),
