@@ -27,7 +27,7 @@ from actors.reference import Reference
 from actors.reward import RewardScorer
 from actors.rollout import Rollout
 from tlcr_ray.config import ConfigError, Config
-from tlcr_ray.ppo import advantages_from_rollout, masked_mean
+from tlcr_ray.ppo import KL_ESTIMATORS, advantages_from_rollout, masked_mean
 from tlcr_ray.rewards import MODES
 from tlcr_ray.rollout import RolloutBatch, encode_prompts, weight_sync_method
 from tlcr_ray.run_state import CheckpointDir, MetricsLog, read_json, write_json_atomic
@@ -57,8 +57,12 @@ class ActorGroups:
                                    f"(available: {ray.available_resources()})")
             self.pgs[name] = pg
 
-        # Merged into the job's runtime env; Ray keeps an OMP_NUM_THREADS that is already set.
-        runtime_env = {"env_vars": {"OMP_NUM_THREADS": str(ppo.threads_per_actor)}} if ppo.threads_per_actor else None
+        # Idle OpenMP threads sleep instead of spinning: the actors share cores, and spinning threads of
+        # an idle actor (or of a co-tenant) slowed the busy one about 4x on a loaded 2-core machine.
+        env_vars = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+        if ppo.threads_per_actor:  # Ray keeps an OMP_NUM_THREADS that is already set
+            env_vars["OMP_NUM_THREADS"] = str(ppo.threads_per_actor)
+        runtime_env = {"env_vars": env_vars}  # merged into the job's runtime env
 
         def opts(name: str, i: int) -> dict:
             res = getattr(ppo, name)
@@ -136,6 +140,7 @@ class Trainer:
                  ckpts: CheckpointDir, metrics: MetricsLog, run_dir: Path):
         self.cfg, self.ppo, self.groups, self.prompts, self.pad_id = cfg, cfg.ppo, groups, prompts, pad_id
         self.ckpts, self.metrics, self.run_dir = ckpts, metrics, run_dir
+        self.synced = False
 
     def next_prompts(self, state: dict) -> list[list[int]]:
         """Prompts for a step from a seeded per-epoch permutation; the cursor lives in the checkpoint."""
@@ -163,7 +168,8 @@ class Trainer:
         batch_ref = ray.put(batch)
         score_refs = [s.score.remote(batch_ref, self.pad_id, rows)
                       for s, rows in zip(g.scorers, _split(len(prompt_ids), len(g.scorers)))]
-        ref_refs = [r.logprobs.remote(batch_ref, self.pad_id, rows)
+        full_kl = ppo.kl_estimator == "full"
+        ref_refs = [r.logprobs.remote(batch_ref, self.pad_id, rows, full_kl)
                     for r, rows in zip(g.references, _split(len(prompt_ids), len(g.references)))]
         eval_refs = g.learners.call("evaluate", batch_ref, self.pad_id)
         done = get_all(score_refs + ref_refs + eval_refs)
@@ -175,15 +181,24 @@ class Trainer:
         mask = torch.zeros_like(rewards)
         for i, resp in enumerate(batch.response_ids):
             mask[i, :len(resp)] = 1.0
-        old_logprobs, values = cat(evals, "logprobs"), cat(evals, "values")
-        adv = advantages_from_rollout(rewards, old_logprobs, cat(refs, "logprobs"), values, mask,
+        old_logprobs, ref_logprobs, values = cat(evals, "logprobs"), cat(refs, "logprobs"), cat(evals, "values")
+        adv = advantages_from_rollout(rewards, old_logprobs, ref_logprobs, values, mask,
                                       kl_coef=ppo.kl_coef, gamma=ppo.gamma, lam=ppo.lam,
-                                      kl_estimator=ppo.kl_estimator, whiten=ppo.whiten_advantages)
+                                      kl_estimator=ppo.kl_estimator, whiten=ppo.whiten_advantages,
+                                      logits=cat(evals, "logits") if full_kl else None,
+                                      ref_logits=cat(refs, "logits") if full_kl else None,
+                                      temperature=ppo.temperature)
+        entropy = cat(evals, "entropy")
+        eval_seconds, ref_seconds = max(e["seconds"] for e in evals), max(r["seconds"] for r in refs)
+        del done, evals, refs  # drops a full-KL step's [batch, R, vocab] logits before the update
         t_adv = time.perf_counter()
         train = get_all(g.learners.call("train", batch_ref, self.pad_id, ray.put(adv["advantages"]),
                                         ray.put(adv["returns"]), ray.put(old_logprobs), ray.put(values)))
         t_trained = time.perf_counter()
-        sync = self.sync_weights(batch)
+        # Checked on this attempt's first sync (fresh or recreated engines), then every Nth step.
+        check = ppo.sync_check and (not self.synced or (state["step"] + 1) % ppo.sync_check_every == 0)
+        sync = self.sync_weights(batch, check)
+        self.synced = True
         t_end = time.perf_counter()
 
         n_tokens = mask.sum().item()
@@ -192,16 +207,17 @@ class Trainer:
             "reward_seq_sum": rewards.sum(1).mean().item(),
             "kl": masked_mean(adv["kl"], mask).item(),
             "kl_seq_sum": adv["kl"].sum(1).mean().item(),
+            "kl_k1": masked_mean(old_logprobs - ref_logprobs, mask).item(),  # sampled estimate, whatever kl_estimator
             "response_len": mask.sum(1).mean().item(),
             "perplexity": float(torch.exp(-masked_mean(old_logprobs, mask))),
-            "entropy": masked_mean(cat(evals, "entropy"), mask).item(),
+            "entropy": masked_mean(entropy, mask).item(),
             "value_mean": masked_mean(values, mask).item(),
             "stop_frac": float(np.mean([f == "stop" for f in batch.finish_reasons])),
             **{k: float(np.mean([t[k] for t in train])) for k in train[0] if k != "seconds"},
             "time_generate": max(s for _, s in gen),
             "time_score": max(s["seconds"] for s in scores),
-            "time_reference": max(r["seconds"] for r in refs),
-            "time_learner_eval": max(e["seconds"] for e in evals),
+            "time_reference": ref_seconds,
+            "time_learner_eval": eval_seconds,
             "time_train": max(t["seconds"] for t in train),
             "time_sync": sync.pop("seconds"),
             "time_stage_generate": t_generated - t_start,
@@ -215,18 +231,19 @@ class Trainer:
         }
         return row
 
-    def sync_weights(self, batch: RolloutBatch) -> dict:
+    def sync_weights(self, batch: RolloutBatch, check: bool) -> dict:
         """Updated learner weights -> every rollout engine.
 
         object_store: rank 0's CPU state dict, one object put once by the return, loaded by each engine.
         nccl: rank 0 broadcasts from GPU while each vLLM engine receives (issued together).
-        The check (ppo.sync_check) scores the batch's first sequence on rollout 0 before and after the
-        load and on the learner: `sync_logprob_err` (rollout vs learner, ~0 when the sync worked) and
+        With `check` (ppo.sync_check, on the first sync and every ppo.sync_check_every steps: three
+        extra forwards) the batch's first sequence is scored on rollout 0 before and after the load and
+        on the learner: `sync_logprob_err` (rollout vs learner, ~0 when the sync worked) and
         `sync_logprob_change` (rollout before vs after, > 0 when the update reached the engine).
         """
         g = self.groups
         probe = ([batch.prompt_ids[0]], [batch.response_ids[0]])
-        before = g.rollouts[0].score.remote(*probe) if self.ppo.sync_check else None  # runs before the load
+        before = g.rollouts[0].score.remote(*probe) if check else None  # runs before the load
         start = time.perf_counter()
         if g.sync_method == "nccl":
             sends = g.learners.call("send_weights")  # collective under ZeRO-3
@@ -237,7 +254,7 @@ class Trainer:
             loads = [r.load_state_dict.remote(state_refs[0]) for r in g.rollouts]
             compute = max(get_all(loads + state_refs[1:])[:len(loads)])
         out = {"seconds": time.perf_counter() - start, "time_sync_load": compute}
-        if self.ppo.sync_check:
+        if check:
             learner_lp = np.array(get_all(g.learners.call("score", *probe, self.pad_id))[0][0])
             rollout_before, rollout_after = (np.array(lp[0]) for lp in get_all([before, g.rollouts[0].score.remote(*probe)]))
             out["sync_logprob_err"] = float(np.max(np.abs(learner_lp - rollout_after)))
@@ -305,6 +322,10 @@ def run(cfg: Config, args=None) -> dict:
         shutil.rmtree(ckpts.root, ignore_errors=True)
     elif cfg.ppo.resume != "auto":
         raise ConfigError(f"ppo.resume {cfg.ppo.resume!r}: expected auto or never")
+    if cfg.ppo.kl_estimator not in KL_ESTIMATORS:
+        raise ConfigError(f"ppo.kl_estimator {cfg.ppo.kl_estimator!r}: expected one of {', '.join(KL_ESTIMATORS)}")
+    if cfg.ppo.sync_check_every < 1:
+        raise ConfigError(f"ppo.sync_check_every: must be >= 1, got {cfg.ppo.sync_check_every}")
     tokenizer = load_tokenizer(cfg.model.tokenizer or policy_dir)
     pairs, _ = load_split(cfg.data, "rl")
     prompts = encode_prompts(tokenizer, [p.prompt for p in pairs], cfg.model.max_prompt_len)

@@ -1,4 +1,4 @@
-"""Reference actor: per-token log-probs of the frozen initial (SFT) policy."""
+"""Reference actor: per-token log-probs (and, for the full KL, logits) of the frozen initial (SFT) policy."""
 from __future__ import annotations
 
 import os
@@ -7,7 +7,8 @@ import time
 import ray
 import torch
 
-from tlcr_ray.rollout import RolloutBatch, pack, policy_logprobs, select_rows
+from tlcr_ray.ppo_learner import response_logits_of
+from tlcr_ray.rollout import RolloutBatch, pack, select_rows, token_logprobs
 
 
 @ray.remote(max_restarts=0)
@@ -16,15 +17,22 @@ class Reference:
         from tlcr_ray.models import load_policy
 
         self.temperature = temperature
-        device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
-        self.model = load_policy(model_dir, dtype=dtype).to(device).eval()
+        self.device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
+        self.model = load_policy(model_dir, dtype=dtype).to(self.device).eval()
 
     def pid(self) -> int:
         return os.getpid()
 
-    def logprobs(self, batch: RolloutBatch, pad_id: int, rows: range | None = None) -> dict:
-        """-> {"logprobs": [rows, R] (0 on padding), "seconds"}; the whole batch is packed, `rows` scored."""
+    @torch.no_grad()
+    def logprobs(self, batch: RolloutBatch, pad_id: int, rows: range | None = None, with_logits: bool = False) -> dict:
+        """-> {"logprobs": [rows, R] (0 on padding), "seconds"}, plus "logits" [rows, R, vocab] when
+        `with_logits` (ppo.kl_estimator full). The whole batch is packed, `rows` of it scored."""
         start = time.perf_counter()
         packed = select_rows(pack(batch.prompt_ids, batch.response_ids, pad_id), rows)
-        logprobs = policy_logprobs(self.model, packed, self.temperature)
-        return {"logprobs": logprobs, "seconds": time.perf_counter() - start}
+        logits = response_logits_of(self.model, packed, self.device)
+        logprobs = token_logprobs(logits, packed.response_ids.to(self.device), self.temperature).cpu()
+        out = {"logprobs": logprobs * packed.response_mask}
+        if with_logits:
+            out["logits"] = logits.float().cpu()
+        out["seconds"] = time.perf_counter() - start
+        return out

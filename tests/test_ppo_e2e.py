@@ -35,7 +35,7 @@ def tiny_ppo_config(out_dir, tiny_model_dir, head_models, mode, *extra):
 def test_three_step_run(mode, tmp_path, ray_local, tiny_model_dir, head_models):
     from actors.controller import run
 
-    cfg = tiny_ppo_config(tmp_path, tiny_model_dir, head_models, mode)
+    cfg = tiny_ppo_config(tmp_path, tiny_model_dir, head_models, mode, "ppo.sync_check_every=2")
     summary = run(cfg)
     run_dir = tmp_path / f"ppo-{mode}"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -47,8 +47,9 @@ def test_three_step_run(mode, tmp_path, ray_local, tiny_model_dir, head_models):
                     "time_train", "time_sync", "tokens_per_s"):
             assert key in row and row[key] == row[key], key  # present and not NaN
         assert 1 <= row["response_len"] <= 12
-        # The rollout engine's weights after each sync are the learner's.
-        assert row["sync_logprob_err"] < 1e-4
+    # The sync check runs on the first sync, then every 2nd step; the rollout engine's weights are the learner's.
+    assert [r["step"] for r in rows if "sync_logprob_err" in r] == [1, 2]
+    assert all(r["sync_logprob_err"] < 1e-4 for r in rows[:2])
     # The policy moved (lr 1e-4), so KL against the frozen reference is no longer exactly zero.
     assert rows[-1]["kl"] != 0.0
     assert (run_dir / "model" / "config.json").exists()

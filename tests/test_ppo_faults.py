@@ -62,6 +62,9 @@ def test_killed_learner_then_rollout_resume_from_checkpoint(tmp_path, ray_local,
     assert summary["failures_recovered"] == 2
     steps = _steps(metrics)
     assert steps == [1, 2, 3, 4, 5, 6], steps  # no duplicated or missing step after two resumes
+    # Each attempt checks its first weight sync (recreated engines), then every 10th step: 1, 3 and 5.
+    checked = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "sync_logprob_err" in line]
+    assert checked == [1, 3, 5], checked
     assert (tmp_path / "ppo-continuous" / "model" / "config.json").exists()
 
 

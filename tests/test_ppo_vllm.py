@@ -36,7 +36,8 @@ def test_two_step_run_with_vllm_rollout_syncs_weights(tmp_path, ray_local, vllm_
     # lr 1e-3: one update must move the engine's log-probs far beyond the vLLM-vs-HF tolerance.
     cfg = tiny_ppo_config(tmp_path, vllm_policy_dir, head_models, "continuous", "ppo.rollout_backend=vllm",
                           "ppo.steps=2", "ppo.checkpoint_every=2", "ppo.learner.num_actors=1",
-                          "ppo.actor_lr=1.0e-3", "ppo.vllm_kv_cache_gib=0.25")
+                          "ppo.actor_lr=1.0e-3", "ppo.vllm_kv_cache_gib=0.25",
+                          "ppo.sync_check_every=1")
     summary = run(cfg)
     assert summary["steps"] == 2 and summary["failures_recovered"] == 0
     rows = [json.loads(line) for line in (tmp_path / "ppo-continuous" / "metrics.jsonl").read_text().splitlines()]

@@ -151,7 +151,9 @@ class PPOConfig:
     """Initial policy folder (None: `<output_dir>/sft/model`)."""
     kl_coef: float = 0.1
     kl_estimator: str = "k1"
-    """k1 (log ratio of the sampled token) or full (exact KL over the vocabulary)."""
+    """Per-token KL_t in R_t = r_t - kl_coef * KL_t: k1 (log pi - log pi_ref of the sampled token),
+    k3 (exp(-k1) - 1 + k1, non-negative), or full (sum over the vocabulary of pi (log pi - log pi_ref)
+    from both models' logits at each response position; moves [batch, R, vocab] tensors per step)."""
     gamma: float = 1.0
     lam: float = 0.95
     clip_eps: float = 0.2
@@ -179,7 +181,10 @@ class PPOConfig:
     checkpoint_every: int = 5
     keep_checkpoints: int = 2
     sync_check: bool = True
-    """After each weight sync, compare the rollout's log-probs of one sequence with the learner's (logged)."""
+    """After a weight sync, compare the rollout's log-probs of one sequence with the learner's (logged as
+    sync_logprob_err / sync_logprob_change; three extra forwards)."""
+    sync_check_every: int = 10
+    """The sync check runs after the first step's sync and then after every Nth step (1: every step)."""
     resume: str = "auto"
     """auto (continue from the last checkpoint if any) or never."""
     max_failures: int = 3

@@ -1,6 +1,7 @@
 """PPO math on dense token-level rewards (pure torch; every tensor is [batch, R] over response tokens).
 
     kl = kl_penalty(old_logprobs, ref_logprobs)                    # k1: log pi - log pi_ref
+    kl = full_kl(old_logits, ref_logits)                           # or exact, over the vocabulary
     R = shaped_rewards(token_rewards, kl, response_mask, kl_coef)  # R_t = r_t - beta * KL_t
     adv, ret = gae(R, old_values, response_mask, gamma=1.0, lam=0.95)
     adv = masked_whiten(adv, response_mask)
@@ -36,21 +37,43 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
 
     k1: log pi - log pi_ref (unbiased, can be negative; the paper's choice);
     k3: exp(ref - log pi) - (ref - log pi) - 1 (non-negative, lower variance).
-    Use `full_kl` for the exact KL over the vocabulary.
+    Use `full_kl` (or `token_kl(..., "full")`) for the exact KL over the vocabulary.
     """
     log_ratio = logprobs.float() - ref_logprobs.float()
     if estimator == "k1":
         return log_ratio
     if estimator == "k3":
         return torch.expm1(-log_ratio) + log_ratio
-    raise ValueError(f"kl estimator {estimator!r}: expected k1, k3 (or use full_kl for 'full')")
+    raise ValueError(f"kl estimator {estimator!r}: expected k1 or k3 (token_kl also takes full)")
 
 
 def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """[batch, R, vocab] policy and reference logits for each action -> [batch, R] KL(pi || pi_ref)."""
+    """[batch, R, vocab] policy and reference logits for each action -> [batch, R] KL(pi || pi_ref).
+
+    KL_t = sum_v pi(v|s_t) (log pi(v|s_t) - log pi_ref(v|s_t)): exact, >= 0, and the same for logits
+    or log-probs (log_softmax is idempotent).
+    """
     logp = F.log_softmax(logits.float() / temperature, dim=-1)
     ref_logp = F.log_softmax(ref_logits.float() / temperature, dim=-1)
     return (logp.exp() * (logp - ref_logp)).sum(-1)
+
+
+KL_ESTIMATORS = ("k1", "k3", "full")
+
+
+def token_kl(estimator: str, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+             logits: torch.Tensor | None = None, ref_logits: torch.Tensor | None = None,
+             temperature: float = 1.0) -> torch.Tensor:
+    """Per-token KL_t, [batch, R], by `estimator` (ppo.kl_estimator).
+
+    k1/k3 read the sampled tokens' log-probs ([batch, R] each); full needs the policy's and the
+    reference's logits at the response positions ([batch, R, vocab] each).
+    """
+    if estimator != "full":
+        return kl_penalty(logprobs, ref_logprobs, estimator)
+    if logits is None or ref_logits is None:
+        raise ValueError("kl estimator 'full' needs the policy's and the reference's [batch, R, vocab] logits")
+    return full_kl(logits, ref_logits, temperature)
 
 
 def shaped_rewards(token_rewards: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
@@ -113,12 +136,15 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 
 def advantages_from_rollout(rewards: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
                             values: torch.Tensor, mask: torch.Tensor, *, kl_coef: float, gamma: float,
-                            lam: float, kl_estimator: str = "k1", whiten: bool = True) -> dict[str, torch.Tensor]:
-    """The controller's step between scoring and the update; every tensor [batch, R].
+                            lam: float, kl_estimator: str = "k1", whiten: bool = True,
+                            logits: torch.Tensor | None = None, ref_logits: torch.Tensor | None = None,
+                            temperature: float = 1.0) -> dict[str, torch.Tensor]:
+    """The controller's step between scoring and the update; every tensor [batch, R], except the
+    [batch, R, vocab] `logits` / `ref_logits` that kl_estimator "full" needs (see `token_kl`).
 
     -> {"kl", "shaped_rewards", "advantages" (whitened if asked), "returns"}.
     """
-    kl = kl_penalty(logprobs, ref_logprobs, kl_estimator) * mask
+    kl = token_kl(kl_estimator, logprobs, ref_logprobs, logits, ref_logits, temperature) * mask
     shaped = shaped_rewards(rewards, kl, mask, kl_coef)
     advantages, returns = gae(shaped, values, mask, gamma, lam)
     if whiten:

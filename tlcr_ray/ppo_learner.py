@@ -3,6 +3,7 @@
     learner = PPOLearner("runs/demo/sft/model", ppo_cfg, rank=0, world_size=1,
                          init_method="file:///tmp/tlcr-rdzv")
     old = learner.evaluate(batch, pad_id)           # {"logprobs", "values", "entropy"}: [batch, R]
+                                                    # (+ "logits" [batch, R, vocab] for kl_estimator full)
     stats = learner.train(batch, pad_id, advantages, returns, old["logprobs"], old["values"])
 
 Every rank packs the WHOLE batch (so P and R agree across ranks) and works on its own contiguous
@@ -16,9 +17,10 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from tlcr_ray.ppo import entropy_from_logits, masked_mean, policy_loss, value_loss
-from tlcr_ray.rollout import PackedBatch, RolloutBatch, pack, response_logits, select_rows, token_logprobs
+from tlcr_ray.ppo import masked_mean, policy_loss, value_loss
+from tlcr_ray.rollout import PackedBatch, RolloutBatch, pack, select_rows, token_logprobs
 
 
 def needs_tcp_rendezvous(node_ips: list[str], on_gpu: bool) -> bool:
@@ -45,6 +47,17 @@ def free_port(host: str = "") -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def response_logits_of(model, packed: PackedBatch, device: torch.device) -> torch.Tensor:
+    """[rows, R, vocab] causal-LM logits predicting each response token (the columns P - 1 .. P + R - 2
+    of `tlcr_ray.rollout.response_logits`). The LM head runs on those positions only: over a 49k
+    vocabulary it costs more than the rest of a small model's forward."""
+    P, R = packed.prompt_len, packed.response_ids.shape[1]
+    # Exact positions rather than the last R + 1 then a slice, whose backward would fill a zero tensor.
+    positions = torch.arange(P - 1, P + R - 1, device=device)
+    return model(input_ids=packed.input_ids.to(device), attention_mask=packed.attention_mask.to(device),
+                 logits_to_keep=positions).logits
 
 
 def shard_rows(batch_size: int, rank: int, world_size: int) -> range:
@@ -99,32 +112,45 @@ class PPOLearner:
 
     # ------------------------------------------------------------------ forwards
     def _forward(self, packed: PackedBatch, with_values: bool = True):
-        """-> (logprobs, entropy, values) for the packed rows, each [rows, R] on self.device."""
-        input_ids = packed.input_ids.to(self.device)
-        attention_mask = packed.attention_mask.to(self.device)
-        logits = response_logits(self.actor(input_ids=input_ids, attention_mask=attention_mask).logits, packed)
-        logprobs = token_logprobs(logits, packed.response_ids.to(self.device), self.cfg.temperature)
-        entropy = entropy_from_logits(logits.float() / self.cfg.temperature)
+        """-> (logits [rows, R, vocab] before temperature, logprobs, entropy, values [rows, R] each) on self.device.
+
+        One log-softmax serves the log-probs and the entropy; the entropy carries gradients only when
+        it is in the loss (ppo.entropy_coef > 0): its backward over the vocabulary is not free.
+        """
+        logits = response_logits_of(self.actor, packed, self.device)
+        scaled = logits.float()
+        if self.cfg.temperature != 1.0:  # a division over [rows, R, vocab] (and its backward) otherwise
+            scaled = scaled / max(self.cfg.temperature, 1e-6)
+        logp = F.log_softmax(scaled, dim=-1)
+        logprobs = logp.gather(-1, packed.response_ids.to(self.device).unsqueeze(-1)).squeeze(-1)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.entropy_coef > 0):
+            entropy = -(logp.exp() * logp).sum(-1)
         values = None
         if with_values:
             P, R = packed.prompt_len, packed.response_ids.shape[1]
             # Value of the state BEFORE action t sits one column left of the token, like its logits.
-            values = self.critic(input_ids, attention_mask)[:, P - 1:P + R - 1]
-        return logprobs, entropy, values
+            values = self.critic(packed.input_ids.to(self.device),
+                                 packed.attention_mask.to(self.device))[:, P - 1:P + R - 1]
+        return logits, logprobs, entropy, values
 
     @torch.no_grad()
     def evaluate(self, batch: RolloutBatch, pad_id: int) -> dict:
-        """Old log-probs, values and entropy of this rank's rows: each [rows, R], 0 on padding."""
+        """Old log-probs, values and entropy of this rank's rows: each [rows, R], 0 on padding; with
+        ppo.kl_estimator full also "logits" [rows, R, vocab] (response positions only)."""
         start = time.perf_counter()
         packed = pack(batch.prompt_ids, batch.response_ids, pad_id)
         rows = list(shard_rows(len(batch.prompt_ids), self.rank, self.world_size))
         part = select_rows(packed, rows)
         self.actor.eval()
         self.critic.eval()
-        logprobs, entropy, values = self._forward(part)
+        logits, logprobs, entropy, values = self._forward(part)
         mask = part.response_mask
-        return {"logprobs": logprobs.float().cpu() * mask, "values": values.float().cpu() * mask,
-                "entropy": entropy.float().cpu() * mask, "seconds": time.perf_counter() - start}
+        out = {"logprobs": logprobs.float().cpu() * mask, "values": values.float().cpu() * mask,
+               "entropy": entropy.float().cpu() * mask}
+        if self.cfg.kl_estimator == "full":
+            out["logits"] = logits.float().cpu()
+        out["seconds"] = time.perf_counter() - start
+        return out
 
     def train(self, batch: RolloutBatch, pad_id: int, advantages: torch.Tensor, returns: torch.Tensor,
               old_logprobs: torch.Tensor, old_values: torch.Tensor) -> dict:
@@ -156,11 +182,11 @@ class PPOLearner:
 
     def _step(self, part: PackedBatch, advantages, returns, old_logprobs, old_values) -> dict[str, float]:
         mask = part.response_mask.to(self.device)
-        logprobs, entropy, _ = self._forward(part, with_values=False)
+        _, logprobs, entropy, _ = self._forward(part, with_values=False)
         pg_loss, clipfrac, approx_kl = policy_loss(logprobs, old_logprobs.to(self.device),
                                                    advantages.to(self.device), mask, self.cfg.clip_eps)
         entropy_mean = masked_mean(entropy, mask)
-        self.actor.backward(pg_loss - self.cfg.entropy_coef * entropy_mean)
+        self.actor.backward(pg_loss - self.cfg.entropy_coef * entropy_mean if self.cfg.entropy_coef else pg_loss)
         self.actor.step()
         P, R = part.prompt_len, part.response_ids.shape[1]
         values = self.critic(part.input_ids.to(self.device), part.attention_mask.to(self.device))[:, P - 1:P + R - 1]
@@ -219,8 +245,7 @@ class PPOLearner:
         """Log-probs (temperature 1) of given responses under the current policy, for sync checks."""
         packed = pack(prompt_ids, response_ids, pad_id)
         self.actor.eval()
-        logits = response_logits(self.actor(input_ids=packed.input_ids.to(self.device),
-                                             attention_mask=packed.attention_mask.to(self.device)).logits, packed)
+        logits = response_logits_of(self.actor, packed, self.device)
         logp = token_logprobs(logits, packed.response_ids.to(self.device)).cpu()
         return [row[:len(r)] for row, r in zip(logp.tolist(), response_ids)]
 
