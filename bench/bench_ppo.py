@@ -12,7 +12,13 @@ model and the discriminator a fresh head on it (timings do not depend on the wei
 
 trl: the same tiny random-init Llama, batch, prompt and response lengths, CPU, in one process run:
 our Ray PPO (hf rollout, 1 learner) vs trl==1.12.0 `PPOTrainer` (`pip install .[bench]`); the
-figure is our samples/s divided by TRL's, both measured on steps after the first.
+figure is our samples/s divided by TRL's, both measured on steps after the first. Same work per
+step: sampling at temperature 1 without top-p/top-k (TRL hard-codes top_k=0, top_p=1.0), 1 PPO
+epoch of 1 minibatch, policy + value updates, reference and reward forwards, KL-shaped rewards, GAE.
+Ours also recomputes the old log-probs with the learner (TRL reads them off generation) and syncs
+the weights into the rollout actor. Our actors run with OMP_WAIT_POLICY=PASSIVE (their default);
+TRL runs twice in fresh processes, with OpenMP's default wait policy and with PASSIVE, and the
+figure divides by the faster of the two.
 """
 from __future__ import annotations
 
@@ -105,6 +111,24 @@ def trl_samples_per_s(model_dir: str, prompts: list[list[int]], response_len: in
     return batch * (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
+def trl_in_fresh_process(omp_wait_policy: str | None, *args) -> float:
+    """`trl_samples_per_s(*args)` in a spawned process: OpenMP reads OMP_WAIT_POLICY once, at start-up
+    (None: OpenMP's default, spin a while then sleep)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    saved = os.environ.pop("OMP_WAIT_POLICY", None)
+    if omp_wait_policy is not None:
+        os.environ["OMP_WAIT_POLICY"] = omp_wait_policy
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(trl_samples_per_s, *args).result()
+    finally:
+        os.environ.pop("OMP_WAIT_POLICY", None)
+        if saved is not None:
+            os.environ["OMP_WAIT_POLICY"] = saved
+
+
 def versus_trl(steps: int, work: Path, batch: int = 8, response_len: int = 32) -> None:
     from tlcr_ray.config import load_config
     from tlcr_ray.data import load_split
@@ -115,19 +139,33 @@ def versus_trl(steps: int, work: Path, batch: int = 8, response_len: int = 32) -
     cfg = load_config("configs/tiny.yaml", [
         f"output_dir={work / 'vs-trl'}", f"ppo.policy={model_dir}", f"ppo.steps={steps + 1}",
         f"ppo.prompts_per_step={batch}", f"ppo.mini_batch_size={batch}", f"model.max_response_len={response_len}",
+        "ppo.top_p=1.0", "ppo.temperature=1.0", "ppo.ppo_epochs=1",  # TRL's sampling and epochs below
         "ppo.learner.num_actors=1", "ppo.learner.num_cpus=1", "ppo.resume=never", f"ppo.checkpoint_every={steps + 10}",
         f"ppo.threads_per_actor={os.cpu_count()}",  # stages run one at a time; TRL's one process uses every core too
         "data.max_pairs=64"])
     _ensure_models(cfg, work)
+    load = [os.getloadavg()[0]]
     ours_rows = run_ours(cfg)
     ours = batch / (sum(r["time_step"] for r in ours_rows) / len(ours_rows))
     pairs, _ = load_split(cfg.data, "rl")
     prompts = encode_prompts(load_tokenizer(model_dir), [p.prompt for p in pairs[:batch]], cfg.model.max_prompt_len)
-    theirs = trl_samples_per_s(model_dir, prompts, response_len, steps)
+    load.append(os.getloadavg()[0])
+    trl = {policy or "default": trl_in_fresh_process(policy, model_dir, prompts, response_len, steps)
+           for policy in (None, "PASSIVE")}
+    theirs = max(trl.values())
+    load.append(os.getloadavg()[0])
+    stages = {k: sum(r[f"time_stage_{k}"] for r in ours_rows) / len(ours_rows)
+              for k in ("generate", "score", "train", "sync")}
+    print("ours per stage (s): " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
     record("ppo", "samples/s vs TRL PPOTrainer (trl 1.12.0)", f"{ours / theirs:.2f}x", ">= 1.0x",
            f"tiny Llama (hidden 64, 2 layers), batch {batch}, response {response_len} tokens, prompts <= "
-           f"{cfg.model.max_prompt_len}; ours {ours:.2f} samples/s (Ray: hf rollout + reward + reference + 1 "
-           f"DeepSpeed learner, {cfg.ppo.threads_per_actor} threads each, sync check on), TRL {theirs:.2f} samples/s (use_cpu, one process)")
+           f"{cfg.model.max_prompt_len}, T=1 no top-p, 1 epoch x 1 minibatch; ours {ours:.2f} samples/s (Ray: hf "
+           f"rollout + reward + reference + 1 DeepSpeed learner, {cfg.ppo.threads_per_actor} threads each; step "
+           + " + ".join(f"{k} {v:.2f}s" for k, v in stages.items())
+           + f"; sync check every {cfg.ppo.sync_check_every} steps; OMP_WAIT_POLICY PASSIVE), TRL {theirs:.2f} "
+           "samples/s (use_cpu, one process; best of OMP_WAIT_POLICY "
+           + ", ".join(f"{k} {v:.2f}" for k, v in trl.items()) + "); 1-min load avg "
+           + "/".join(f"{x:.1f}" for x in load))
 
 
 def main() -> None:
