@@ -57,6 +57,7 @@ def plot_curves(run_dir: Path, out: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     runs = {p.parent.name.removeprefix("ppo-"): read_metrics(p) for p in sorted(run_dir.glob("ppo-*/metrics.jsonl"))}
     runs = {mode: rows for mode, rows in runs.items() if rows}
@@ -74,6 +75,7 @@ def plot_curves(run_dir: Path, out: Path) -> list[str]:
             continue
         ax.set_title(title)
         ax.set_xlabel("PPO step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
