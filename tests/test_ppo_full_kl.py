@@ -14,8 +14,7 @@ import torch
 from test_ppo_e2e import head_models, tiny_ppo_config  # noqa: F401  (fixture re-used)
 from tlcr_ray.config import ConfigError
 from tlcr_ray.ppo import advantages_from_rollout, full_kl, token_kl
-from tlcr_ray.ppo_learner import response_logits_of
-from tlcr_ray.rollout import pack, response_logits, token_logprobs
+from tlcr_ray.rollout import pack, response_logits, response_logits_of, token_logprobs
 
 VOCAB, PREV, BAD = 32, 11, 7
 CPU = torch.device("cpu")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from tlcr_ray.ppo import masked_mean, policy_loss, value_loss
-from tlcr_ray.rollout import PackedBatch, RolloutBatch, pack, select_rows, token_logprobs
+from tlcr_ray.rollout import PackedBatch, RolloutBatch, pack, response_logits_of, select_rows, token_logprobs
 
 
 def needs_tcp_rendezvous(node_ips: list[str], on_gpu: bool) -> bool:
@@ -47,17 +47,6 @@ def free_port(host: str = "") -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
-
-
-def response_logits_of(model, packed: PackedBatch, device: torch.device) -> torch.Tensor:
-    """[rows, R, vocab] causal-LM logits predicting each response token (the columns P - 1 .. P + R - 2
-    of `tlcr_ray.rollout.response_logits`). The LM head runs on those positions only: over a 49k
-    vocabulary it costs more than the rest of a small model's forward."""
-    P, R = packed.prompt_len, packed.response_ids.shape[1]
-    # Exact positions rather than the last R + 1 then a slice, whose backward would fill a zero tensor.
-    positions = torch.arange(P - 1, P + R - 1, device=device)
-    return model(input_ids=packed.input_ids.to(device), attention_mask=packed.attention_mask.to(device),
-                 logits_to_keep=positions).logits
 
 
 def shard_rows(batch_size: int, rank: int, world_size: int) -> range:

@@ -90,6 +90,17 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float =
     return logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
 
 
+def response_logits_of(model, packed: PackedBatch, device: torch.device) -> torch.Tensor:
+    """[rows, R, vocab] causal-LM logits predicting each response token (the columns P - 1 .. P + R - 2
+    of `response_logits`). The LM head runs on those positions only: over a 49k
+    vocabulary it costs more than the rest of a small model's forward."""
+    P, R = packed.prompt_len, packed.response_ids.shape[1]
+    # Exact positions rather than the last R + 1 then a slice, whose backward would fill a zero tensor.
+    positions = torch.arange(P - 1, P + R - 1, device=device)
+    return model(input_ids=packed.input_ids.to(device), attention_mask=packed.attention_mask.to(device),
+                 logits_to_keep=positions).logits
+
+
 @torch.no_grad()
 def policy_logprobs(model, packed: PackedBatch, temperature: float = 1.0) -> torch.Tensor:
     """[batch, R] log-probs of the packed responses under a causal LM, zero on padding."""
@@ -148,9 +159,11 @@ class HFRollout:
         if missing or unexpected:
             raise KeyError(f"HFRollout.load_state_dict: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
+    @torch.no_grad()
     def score(self, prompt_ids, response_ids) -> list[list[float]]:
         packed = pack(prompt_ids, response_ids, self.pad_id)
-        logp = policy_logprobs(self.model, packed)
+        logp = token_logprobs(response_logits_of(self.model, packed, self.device),
+                              packed.response_ids.to(self.device)).cpu() * packed.response_mask
         return [row[:len(r)] for row, r in zip(logp.tolist(), response_ids)]
 
 
