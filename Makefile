@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine:
 #   make demo   create .venv, install, run the whole pipeline on the embedded defaults
-#   make test   the same install, then the test suite
+#   make test   the same install, then the test suite (make test-fast: the unit tests alone, ~1 minute)
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -10,7 +10,7 @@ DEPS_HASH := $(shell cat pyproject.toml requirements/*.txt scripts/install.sh 2>
 STAMP  := $(VENV)/.installed-$(DEPS_HASH)
 DEMO_CONFIG ?= configs/demo.yaml
 
-.PHONY: demo test install clean bench
+.PHONY: demo test test-fast install clean bench
 
 install: $(STAMP)
 
@@ -24,6 +24,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	bash scripts/run_tests.sh
+
+test-fast: $(STAMP)
+	bash scripts/run_tests.sh tests/unit
 
 bench: $(STAMP)
 	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done

@@ -1,23 +1,31 @@
 """Learner group: N data-parallel `PPOLearner` ranks (DeepSpeed actor + critic) as Ray actors.
 
 The ranks are placed first, then meet: file:// in the node's /tmp when all are on one CPU node,
-else TCP at rank 0's node IP and a port rank 0 picks (`tlcr_ray.ppo_learner.rendezvous_init_method`).
+else TCP at rank 0's node IP and a port rank 0 picks (`tlcr_ray.rl.rendezvous`). Every group method
+returns one object ref per rank, in rank order; collective methods (all of them under ZeRO-3) must
+reach every rank, which is why callers go through the group.
 """
 from __future__ import annotations
 
 import os
 import tempfile
+import uuid
 
 import ray
+import torch
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from tlcr_ray.ppo_learner import PPOLearner, free_port, needs_tcp_rendezvous, rendezvous_init_method
+from tlcr_ray.rl.batch import RolloutBatch
+from tlcr_ray.rl.learner import PPOLearner
+from tlcr_ray.rl.rendezvous import free_port, needs_tcp_rendezvous, rendezvous_init_method
 
 
 @ray.remote(max_restarts=0)
 class LearnerWorker:
+    """One rank; object-ref arguments arrive resolved."""
+
     def __init__(self):
-        self.learner = None
+        self.learner: PPOLearner | None = None
 
     def pid(self) -> int:
         return os.getpid()
@@ -32,9 +40,36 @@ class LearnerWorker:
         self.learner = PPOLearner(policy_dir, ppo_cfg, rank=rank, world_size=world_size,
                                   init_method=init_method, dtype=dtype)
 
-    def call(self, method: str, *args):
-        """Run one PPOLearner method; object-ref arguments arrive resolved."""
-        return getattr(self.learner, method)(*args)
+    def evaluate(self, batch: RolloutBatch, pad_id: int) -> dict:
+        return self.learner.evaluate(batch, pad_id)
+
+    def train(self, batch: RolloutBatch, pad_id: int, advantages: torch.Tensor, returns: torch.Tensor,
+              old_logprobs: torch.Tensor, old_values: torch.Tensor) -> dict:
+        return self.learner.train(batch, pad_id, advantages, returns, old_logprobs, old_values)
+
+    def full_state_dict(self) -> dict | None:
+        return self.learner.full_state_dict()
+
+    def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> list[list[float]]:
+        return self.learner.score(prompt_ids, response_ids, pad_id)
+
+    def weight_update_info(self) -> dict | None:
+        return self.learner.weight_update_info()
+
+    def init_weight_sender(self, master_address: str, master_port: int, world_size: int) -> None:
+        self.learner.init_weight_sender(master_address, master_port, world_size)
+
+    def send_weights(self) -> float:
+        return self.learner.send_weights()
+
+    def save_checkpoint(self, folder: str) -> None:
+        self.learner.save_checkpoint(folder)
+
+    def load_checkpoint(self, folder: str) -> None:
+        self.learner.load_checkpoint(folder)
+
+    def export_hf(self, path: str) -> None:
+        self.learner.export_hf(path)
 
 
 class LearnerGroup:
@@ -54,14 +89,44 @@ class LearnerGroup:
         self.node_ips = ray.get([w.node_ip.remote() for w in self.workers])
         on_gpu = ppo_cfg.learner.num_gpus > 0
         port = ray.get(self.workers[0].free_port.remote()) if needs_tcp_rendezvous(self.node_ips, on_gpu) else None
-        self.init_method = rendezvous_init_method(
-            self.node_ips, on_gpu, tempfile.mktemp(prefix="tlcr-learner-rdzv-", dir=rendezvous_dir), port)
+        # A fresh name that no file has yet: the file:// rendezvous creates it (rank 0's node /tmp).
+        rdzv_file = os.path.join(rendezvous_dir or tempfile.gettempdir(), f"tlcr-learner-rdzv-{uuid.uuid4().hex}")
+        self.init_method = rendezvous_init_method(self.node_ips, on_gpu, rdzv_file, port)
         self.ready = [w.start.remote(policy_dir, ppo_cfg, rank, n, self.init_method, dtype)
                       for rank, w in enumerate(self.workers)]
 
-    def call(self, method: str, *args) -> list:
-        """Object refs of every rank's result, in rank order (collective methods need all ranks)."""
-        return [w.call.remote(method, *args) for w in self.workers]
+    def evaluate(self, batch_ref, pad_id: int) -> list:
+        """Old log-probs, values, entropy of each rank's rows ([rows, R] each)."""
+        return [w.evaluate.remote(batch_ref, pad_id) for w in self.workers]
+
+    def train(self, batch_ref, pad_id: int, advantages, returns, old_logprobs, old_values) -> list:
+        return [w.train.remote(batch_ref, pad_id, advantages, returns, old_logprobs, old_values)
+                for w in self.workers]
+
+    def full_state_dict(self) -> list:
+        """Rank 0's ref holds the CPU state dict; the others None (collective under ZeRO-3)."""
+        return [w.full_state_dict.remote() for w in self.workers]
+
+    def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> list:
+        return [w.score.remote(prompt_ids, response_ids, pad_id) for w in self.workers]
+
+    def weight_update_info(self) -> list:
+        return [w.weight_update_info.remote() for w in self.workers]
+
+    def init_weight_sender(self, master_address: str, master_port: int, world_size: int) -> list:
+        return [w.init_weight_sender.remote(master_address, master_port, world_size) for w in self.workers]
+
+    def send_weights(self) -> list:
+        return [w.send_weights.remote() for w in self.workers]
+
+    def save_checkpoint(self, folder: str) -> list:
+        return [w.save_checkpoint.remote(folder) for w in self.workers]
+
+    def load_checkpoint(self, folder: str) -> list:
+        return [w.load_checkpoint.remote(folder) for w in self.workers]
+
+    def export_hf(self, path: str) -> list:
+        return [w.export_hf.remote(path) for w in self.workers]
 
     def pids(self) -> list[int]:
         return ray.get([w.pid.remote() for w in self.workers])

@@ -7,7 +7,7 @@ import time
 import ray
 import torch
 
-from tlcr_ray.rollout import RolloutBatch, pack, response_logits_of, select_rows, token_logprobs
+from tlcr_ray.rl.batch import RolloutBatch, pack, response_logits_of, select_rows, token_logprobs
 
 
 @ray.remote(max_restarts=0)

@@ -7,8 +7,8 @@ import time
 import ray
 import torch
 
-from tlcr_ray.rewards import discriminator_probs, sequence_rewards, token_rewards
-from tlcr_ray.rollout import RolloutBatch, pack, select_rows
+from tlcr_ray.rl.rewards import discriminator_probs, sequence_rewards, token_rewards
+from tlcr_ray.rl.batch import RolloutBatch, pack, select_rows
 
 
 @ray.remote(max_restarts=0)

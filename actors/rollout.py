@@ -6,13 +6,14 @@ import time
 
 import ray
 
-from tlcr_ray.rollout import RolloutBatch, make_engine
+from tlcr_ray.rl.batch import RolloutBatch
+from tlcr_ray.rl.rollout import make_engine
 
 
 @ray.remote(max_restarts=0)
 class Rollout:
     def __init__(self, model_dir: str, backend: str, engine_kwargs: dict):
-        """`engine_kwargs`: `tlcr_ray.rollout.make_engine` keywords (dtype, seed, vLLM sizes)."""
+        """`engine_kwargs`: `tlcr_ray.rl.batch.make_engine` keywords (dtype, seed, vLLM sizes)."""
         device = "cuda" if ray.get_gpu_ids() else "cpu"
         self.engine = make_engine(backend, model_dir, device=device, **engine_kwargs)
 
@@ -32,7 +33,7 @@ class Rollout:
         self.engine.load_state_dict(state_dict)
         return time.perf_counter() - start
 
-    # CUDA + vLLM only: the NCCL broadcast from learner rank 0 (see tlcr_ray.vllm_rollout).
+    # CUDA + vLLM only: the NCCL broadcast from learner rank 0 (see tlcr_ray.rl.rollout.vllm_engine).
     def init_weight_sync(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
         self.engine.init_weight_sync(master_address, master_port, rank_offset, world_size)
 

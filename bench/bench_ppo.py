@@ -38,11 +38,11 @@ def _ensure_models(cfg, work: Path) -> None:
     from tlcr_ray.models import TokenDiscriminator, load_tokenizer, resolve_model, save_head_model
 
     try:
-        policy = resolve_model(cfg.ppo.policy or str(cfg.stage_dir("sft") / "model"))
+        policy = resolve_model(RunLayout.of(cfg).initial_policy)
     except FileNotFoundError:  # no SFT run yet: start from the base model
         policy = resolve_model(cfg.model.base)
     cfg.ppo.policy = policy
-    disc = cfg.reward.discriminator or str(cfg.stage_dir("disc") / "model")
+    disc = str(RunLayout.of(cfg).discriminator)
     if not Path(disc).exists():
         disc = save_head_model(TokenDiscriminator.from_pretrained(policy, seed=0), work / "disc", load_tokenizer(policy))
     cfg.reward.discriminator = str(disc)
@@ -52,7 +52,7 @@ def run_ours(cfg) -> list[dict]:
     from actors.controller import run
 
     run(cfg)
-    rows = [json.loads(x) for x in (cfg.stage_dir(f"ppo-{cfg.reward.mode}") / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (RunLayout.of(cfg).ppo_dir(cfg.reward.mode) / "metrics.jsonl").read_text().splitlines()]
     return rows[1:]  # step 1 includes actor start-up
 
 
@@ -131,9 +131,10 @@ def trl_in_fresh_process(omp_wait_policy: str | None, *args) -> float:
 
 def versus_trl(steps: int, work: Path, batch: int = 8, response_len: int = 32) -> None:
     from tlcr_ray.config import load_config
-    from tlcr_ray.data import load_split
-    from tlcr_ray.models import build_tiny_llama, embedded_tokenizer_dir, load_tokenizer
-    from tlcr_ray.rollout import encode_prompts
+    from tlcr_ray.data.pairs import load_split
+    from tlcr_ray.models import embedded_tokenizer_dir, load_tokenizer
+    from tlcr_ray.testing.tiny_model import build_tiny_llama
+    from tlcr_ray.data.tokens import encode_prompts
 
     model_dir = str(build_tiny_llama(work / "tiny", embedded_tokenizer_dir(), seed=0))
     cfg = load_config("configs/tiny.yaml", [

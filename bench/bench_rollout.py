@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.common import record  # noqa: E402
-from tlcr_ray.data import load_pairs  # noqa: E402
+from tlcr_ray.data.pairs import load_pairs  # noqa: E402
 from tlcr_ray.models import embedded_model_dir, load_tokenizer  # noqa: E402
-from tlcr_ray.rollout import HFRollout  # noqa: E402
+from tlcr_ray.rl.rollout.hf import HFRollout  # noqa: E402
 
 DATA = "data/hh-rlhf/harmless-base/test.jsonl.gz"
 
@@ -56,7 +56,7 @@ def main() -> None:
     prompts = hh_prompts(load_tokenizer(model_dir), max(args.batches), args.prompt_tokens)
     sampling = dict(temperature=1.0, top_p=0.9, seed=0)
 
-    from tlcr_ray.vllm_rollout import VLLMRollout
+    from tlcr_ray.rl.rollout.vllm_engine import VLLMRollout
 
     start = time.perf_counter()
     engine = VLLMRollout(model_dir, max_model_len=1024, kv_cache_gib=1.0)

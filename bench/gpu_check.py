@@ -7,11 +7,11 @@ the DeepSpeed wheel and its missing pure-Python deps carried in `.gpu_carry/` (s
     PYTHONPATH=/tmp/site:. python3 bench/gpu_check.py --tokenizer .gpu_carry/tokenizer
 
 Checks (each prints PASS/FAIL with its numbers; the exit status is 1 if any failed):
-  math        tlcr_ray.ppo / tlcr_ray.rewards give the CPU's float32 results on CUDA
+  math        tlcr_ray.rl.ppo_math / tlcr_ray.rl.rewards give the CPU's float32 results on CUDA
   learner     PPOLearner (actor + critic, ZeRO-2, nccl, world size 1): its log-probs match a plain
               forward, a few updates raise the log-probs of positive-advantage tokens and pull values
               to the returns, and its weights load into an HFRollout that then scores the same
-  train       tlcr_ray.train's SFT / disc / RM step under DeepSpeed ZeRO-2: the loss falls on a fixed batch
+  train       tlcr_ray.training's SFT / disc / RM step under DeepSpeed ZeRO-2: the loss falls on a fixed batch
   rollout     HFRollout sampling log-probs == teacher-forced log-probs of the same tokens (<= 1e-3, fp32)
   speed       HFRollout tokens/s at batch 1, 8, 32 (135M-shaped model) and vs bare model.generate at
               batch 32: figures only, recorded in BENCHMARKS.md with the learner and SFT throughputs
@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import record  # noqa: E402
 from tlcr_ray import ppo, rewards  # noqa: E402
-from tlcr_ray.rollout import HFRollout, RolloutBatch, pack, policy_logprobs  # noqa: E402
+from tlcr_ray.rl.batch import RolloutBatch, pack, policy_logprobs  # noqa: E402
+from tlcr_ray.rl.rollout.hf import HFRollout  # noqa: E402
 
 # SmolLM2-135M-Instruct's config.json (the architecture only; weights are random).
 SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -68,7 +69,8 @@ def free_memory() -> None:
 def build_models(tokenizer_dir: str, root: Path, with_135m: bool) -> dict[str, str]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tlcr_ray.models import build_tiny_llama, load_tokenizer
+    from tlcr_ray.models import load_tokenizer
+    from tlcr_ray.testing.tiny_model import build_tiny_llama
 
     models = {"tiny": str(build_tiny_llama(root / "tiny", tokenizer_dir, seed=0))}
     if with_135m:
@@ -147,7 +149,7 @@ def check_math(device: torch.device) -> None:
 # ---------------------------------------------------------------- (b) DeepSpeed learner and trainer step
 
 def init_method(device: torch.device, root: Path) -> str:
-    from tlcr_ray.ppo_learner import free_port, rendezvous_init_method
+    from tlcr_ray.rl.rendezvous import free_port, rendezvous_init_method
 
     on_gpu = device.type == "cuda"
     if not on_gpu:
@@ -160,7 +162,7 @@ def check_learner(label: str, model_dir: str, dtype: str, rdzv: str, device: tor
     """-> seconds per `train` call after the first (None if it failed)."""
     from tlcr_ray.config import PPOConfig
     from tlcr_ray.models import load_policy
-    from tlcr_ray.ppo_learner import PPOLearner
+    from tlcr_ray.rl.learner import PPOLearner
 
     name = f"learner {label} {dtype}"
     cfg = PPOConfig(mini_batch_size=8, zero_stage=2, actor_lr=1e-4, critic_lr=1e-4, seed=0)
@@ -224,7 +226,7 @@ def check_learner(label: str, model_dir: str, dtype: str, rdzv: str, device: tor
 
 
 def supervised_examples(stage: str, vocab: int, n: int, length: int, seed: int) -> list[dict]:
-    from tlcr_ray.train import IGNORE
+    from tlcr_ray.training import IGNORE
 
     rng = random.Random(seed)
     out = []
@@ -246,7 +248,7 @@ def check_train_step(stage: str, label: str, model_dir: str, precision: str, dev
     """-> trained tokens/s over the steps after the first (None if it failed)."""
     import deepspeed
 
-    from tlcr_ray import train as stages
+    from tlcr_ray import training as stages
     from tlcr_ray.config import TrainConfig
     from tlcr_ray.models import load_tokenizer
 

@@ -1,4 +1,4 @@
-"""Ray Serve application: a FastAPI ingress over a dynamically batched discriminator (DESIGN §6).
+"""Ray Serve application: a FastAPI ingress over a dynamically batched discriminator.
 
     tlcr serve --checkpoint runs/demo/disc/model [--host 127.0.0.1 --port 8000]     # blocks until Ctrl-C
     TLCR_CHECKPOINT=runs/demo/disc/model serve run deploy/serve.yaml
@@ -8,7 +8,7 @@
 
 Two deployments: `TokenRewardAPI` (HTTP, validation, auth, limits, tokenization) sends one call per
 item to `Scorer`, whose `@serve.batch` method runs one forward pass over up to `max_batch_size`
-items from any requests. Scores come from `tlcr_ray.scoring`, the library's own scoring path.
+items from any requests. Scores come from `tlcr_ray.rl.text_scoring`, the library's own scoring path.
 """
 from __future__ import annotations
 
@@ -25,8 +25,11 @@ from serve.limits import Limits
 from serve.metrics import ScorerMetrics
 from serve.schemas import ModelInfo
 from tlcr_ray.config import Config, ConfigError, RewardConfig, ServeConfig, load_config
-from tlcr_ray.scoring import MODES, ItemScore, item_score, response_probabilities
-from tlcr_ray.tokens import Encoded
+from tlcr_ray.layout import RunLayout
+from tlcr_ray.local_ray import ensure_ray
+from tlcr_ray.rl.rewards import TOKEN_MODES
+from tlcr_ray.rl.text_scoring import ItemScore, item_score, response_probabilities
+from tlcr_ray.data.tokens import Encoded
 
 APP_NAME = "tlcr"
 
@@ -81,7 +84,7 @@ class TokenRewardAPI:
         self.get_reward_mode = serve_cfg.mode
         self.info = ModelInfo(
             checkpoint=checkpoint, tokenizer=tokenizer,
-            model_class="TokenDiscriminator", modes=list(MODES), default_mode="continuous",
+            model_class="TokenDiscriminator", modes=list(TOKEN_MODES), default_mode="continuous",
             sequence_score=serve_cfg.sequence_score, max_items=serve_cfg.max_items, max_chars=serve_cfg.max_chars,
             max_tokens=serve_cfg.max_tokens, max_body_bytes=serve_cfg.max_body_bytes,
             max_batch_size=serve_cfg.max_batch_size, auth=self.api_key is not None)
@@ -96,7 +99,7 @@ class TokenRewardAPI:
 
 
 def resolve_checkpoint(cfg: Config, checkpoint: str | None = None) -> str:
-    path = Path(checkpoint or cfg.serve.checkpoint or cfg.stage_dir("disc") / "model")
+    path = Path(checkpoint or cfg.serve.checkpoint or RunLayout(Path(cfg.output_dir)).stage_model("disc"))
     if not (path / "head.json").exists():
         raise ConfigError(f"serve.checkpoint: {path} is not a discriminator folder (no head.json); "
                           "train one with `tlcr train-disc` or pass --checkpoint DIR")
@@ -115,8 +118,8 @@ def resolve_tokenizer(cfg: Config, checkpoint: str) -> str:
 def validate(serve_cfg: ServeConfig) -> None:
     if serve_cfg.sequence_score not in ("sum", "mean"):
         raise ConfigError(f"serve.sequence_score: expected sum or mean, got {serve_cfg.sequence_score!r}")
-    if serve_cfg.mode not in MODES:
-        raise ConfigError(f"serve.mode: expected one of {', '.join(MODES)}, got {serve_cfg.mode!r}")
+    if serve_cfg.mode not in TOKEN_MODES:
+        raise ConfigError(f"serve.mode: expected one of {', '.join(TOKEN_MODES)}, got {serve_cfg.mode!r}")
     if serve_cfg.max_ongoing_requests < serve_cfg.max_batch_size:
         raise ConfigError(f"serve.max_ongoing_requests={serve_cfg.max_ongoing_requests} would cap batches below "
                           f"serve.max_batch_size={serve_cfg.max_batch_size}")
@@ -164,16 +167,10 @@ def build_app(args: dict):
 
 def run_cli(cfg: Config, args) -> dict:
     """`tlcr serve`: start (or join) Ray, deploy, block until Ctrl-C, then shut Serve down."""
-    import ray
-
     cfg.serve = replace(cfg.serve, host=args.host or cfg.serve.host, port=args.port or cfg.serve.port)
     checkpoint = resolve_checkpoint(cfg, args.checkpoint)
     application = build_application(cfg, checkpoint)
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init()
-        else:  # a fresh local Ray (not whatever `ray start` left running), on loopback only
-            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
+    ensure_ray()
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(application, name=APP_NAME, route_prefix="/")
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"

@@ -16,12 +16,12 @@ from serve.limits import BodySizeLimit, check_tokens, limit_hint
 from serve.metrics import IngressMetrics, MetricsMiddleware
 from serve.schemas import (ERRORS, GetRewardResponse, Health, ItemOut, ModelInfo, TokenOut, TokenRewardsResponse,
                            request_models)
-from tlcr_ray.scoring import ItemScore, encode_items
+from tlcr_ray.rl.text_scoring import ItemScore, encode_items
 
 
 def build_fastapi_app(service) -> FastAPI:
     app = FastAPI(title="tlcr token-reward API",
-                  description="Per-token rewards from a TLCR discriminator (DESIGN §6). "
+                  description="Per-token rewards from a TLCR discriminator (docs/algorithm.md §5). "
                               "Limits are listed by GET /v1/model.",
                   version="1.0")
     auth = make_auth_dependency(service.api_key)

@@ -9,7 +9,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Mode = Literal["continuous", "fixed", "no_negative", "no_positive"]
+from tlcr_ray.rl.rewards import TOKEN_MODES
+
+Mode = Literal[TOKEN_MODES]  # type: ignore[valid-type]  # the library's list, one definition
 
 
 class Strict(BaseModel):

@@ -22,16 +22,20 @@ import sys
 from typing import Callable
 
 from tlcr_ray.config import Config, ConfigError, load_config
-from tlcr_ray.data import DataError
+from tlcr_ray.data.pairs import DataError
+from tlcr_ray.local_ray import set_process_defaults
 
-# subcommand -> (module, function, help). Functions take (cfg, args) and return a JSON-able summary.
-STAGES: dict[str, tuple[str, str, str]] = {
-    "label": ("tlcr_ray.label_stage", "run", "revise rejected responses and write Levenshtein token labels"),
-    "sft": ("actors.trainer", "run_sft", "supervised fine-tuning on chosen responses (Ray Train + DeepSpeed)"),
-    "train-disc": ("actors.trainer", "run_disc", "train the token-level discriminator on the labels"),
-    "train-rm": ("actors.trainer", "run_rm", "train the sequence-level Bradley-Terry reward model (baseline)"),
+# Config-driven subcommand -> (module, function, help). Functions take (cfg, args) and return a
+# JSON-able summary; `eval-disc`/`eval-rm` and `report` are the pipeline's names for `eval` and `report`.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "label": ("tlcr_ray.labeling.stage", "run", "revise rejected responses and write Levenshtein token labels"),
+    "sft": ("actors.supervised", "run_sft", "supervised fine-tuning on chosen responses (Ray Train + DeepSpeed)"),
+    "train-disc": ("actors.supervised", "run_disc", "train the token-level discriminator on the labels"),
+    "train-rm": ("actors.supervised", "run_rm", "train the sequence-level Bradley-Terry reward model (baseline)"),
     "ppo": ("actors.controller", "run", "PPO with token-level rewards on Ray actor groups"),
 }
+EVAL_TARGETS = {"disc": "tlcr_ray.eval.heldout", "rm": "tlcr_ray.eval.heldout",
+                "mt-bench": "tlcr_ray.eval.benchmarks", "alpaca-eval": "tlcr_ray.eval.benchmarks"}
 
 
 def _resolve(spec: tuple[str, str, str]) -> Callable:
@@ -48,13 +52,13 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tlcr", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, spec in STAGES.items():
+    for name, spec in COMMANDS.items():
         _add_config_args(sub.add_parser(name, help=spec[2]))
     p = sub.add_parser("pipeline", help="every stage from one config, skipping finished ones")
     _add_config_args(p)
     p.add_argument("--force", action="store_true", help="rerun stages whose output exists")
     p = sub.add_parser("eval", help="evaluate: disc, rm, mt-bench or alpaca-eval")
-    p.add_argument("target", choices=["disc", "rm", "mt-bench", "alpaca-eval"])
+    p.add_argument("target", choices=list(EVAL_TARGETS))
     _add_config_args(p)
     p.add_argument("--model", help="model folder to evaluate (mt-bench / alpaca-eval)")
     p.add_argument("--judge-base-url", help="OpenAI-compatible judge endpoint")
@@ -73,15 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
 def run_stage(command: str, cfg: Config, args: argparse.Namespace | None = None) -> dict | None:
     """Run one stage by its CLI name; `eval-disc`/`eval-rm` and `report` are the pipeline's extra names."""
     args = args or argparse.Namespace(target=None, model=None, judge_base_url=None, judge_model=None, limit=None)
-    if command in STAGES:
-        return _resolve(STAGES[command])(cfg, args)
+    if command in COMMANDS:
+        return _resolve(COMMANDS[command])(cfg, args)
     if command in ("eval-disc", "eval-rm"):
-        from tlcr_ray.evaluate import run_cli
-
         args.target = command.split("-", 1)[1]
-        return run_cli(cfg, args)
+        return importlib.import_module(EVAL_TARGETS[args.target]).run_cli(cfg, args)
     if command == "report":
-        from tlcr_ray.report import write_report
+        from tlcr_ray.eval.report import write_report
 
         return write_report(cfg.output_dir)
     raise ValueError(f"unknown stage {command!r}")
@@ -89,16 +91,16 @@ def run_stage(command: str, cfg: Config, args: argparse.Namespace | None = None)
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    set_process_defaults()
     try:
         if args.command == "report":
-            from tlcr_ray.report import write_report
+            from tlcr_ray.eval.report import write_report
 
             summary = write_report(args.run_dir)
         else:
             cfg = load_config(args.config, args.overrides)
             if args.command == "eval":
-                module = {"disc": "tlcr_ray.evaluate", "rm": "tlcr_ray.evaluate"}.get(args.target, "tlcr_ray.bench_eval")
-                summary = importlib.import_module(module).run_cli(cfg, args)
+                summary = importlib.import_module(EVAL_TARGETS[args.target]).run_cli(cfg, args)
             elif args.command == "serve":
                 from serve.app import run_cli
 

@@ -32,7 +32,7 @@ class DataConfig:
     split: str = "reward"
     """Partition a stage reads: sft, reward, rl or all (each stage overrides its own default)."""
     fractions: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.4])
-    """SFT / reward / RL shares of the pairs (DESIGN §4: 20/40/40)."""
+    """SFT / reward / RL shares of the pairs (docs/algorithm.md §1: 20/40/40)."""
     seed: int = 0
     """Seed of the deterministic partition."""
     max_pairs: int | None = None
@@ -281,8 +281,7 @@ class PipelineConfig:
 @dataclass
 class Config:
     output_dir: str = "runs/demo"
-    """Run folder: every stage writes into its own subfolder here."""
-    seed: int = 0
+    """Run folder: every stage writes into its own subfolder here (`tlcr_ray/layout.py`)."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     reviser: ReviserConfig = field(default_factory=ReviserConfig)
@@ -294,9 +293,6 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-
-    def stage_dir(self, stage: str) -> Path:
-        return Path(self.output_dir) / stage
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:

@@ -12,8 +12,6 @@ free of Ray: it only decides what runs, in which order, with which config.
 from __future__ import annotations
 
 import copy
-import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,8 @@ from typing import Callable
 import yaml
 
 from tlcr_ray.config import Config, to_dict
+from tlcr_ray.io import read_json, write_json_atomic, write_text_atomic
+from tlcr_ray.layout import RunLayout
 
 RunStage = Callable[[str, Config], dict | None]
 
@@ -37,40 +37,34 @@ class Stage:
     cfg: Config
 
 
-def plan(cfg: Config) -> list[Stage]:
+def pipeline_stages(cfg: Config) -> list[Stage]:
     """The stages of a full run, in order."""
-    out = Path(cfg.output_dir)
+    layout = RunLayout(Path(cfg.output_dir))  # the pipeline's own folders: overrides point elsewhere
     stages = [
-        Stage("label", "label", out / "label" / "labels.jsonl", cfg),
-        Stage("sft", "sft", out / "sft" / "model", cfg),
-        Stage("train-disc", "train-disc", out / "disc" / "model", cfg),
-        Stage("eval-disc", "eval-disc", out / "disc" / "eval.json", cfg),
+        Stage("label", "label", layout.label_output, cfg),
+        Stage("sft", "sft", layout.sft_model, cfg),
+        Stage("train-disc", "train-disc", layout.stage_model("disc"), cfg),
+        Stage("eval-disc", "eval-disc", layout.heldout_eval("disc"), cfg),
     ]
     if "sequence" in cfg.pipeline.ppo_modes:
-        stages.append(Stage("train-rm", "train-rm", out / "rm" / "model", cfg))
-        stages.append(Stage("eval-rm", "eval-rm", out / "rm" / "eval.json", cfg))
+        stages.append(Stage("train-rm", "train-rm", layout.stage_model("rm"), cfg))
+        stages.append(Stage("eval-rm", "eval-rm", layout.heldout_eval("rm"), cfg))
     for mode in cfg.pipeline.ppo_modes:
         mode_cfg = copy.deepcopy(cfg)
         mode_cfg.reward.mode = mode
-        stages.append(Stage(f"ppo-{mode}", "ppo", out / f"ppo-{mode}" / "model", mode_cfg))
-    stages.append(Stage("report", "report", out / "report" / "report.md", cfg))
+        stages.append(Stage(f"ppo-{mode}", "ppo", layout.ppo_model(mode), mode_cfg))
+    stages.append(Stage("report", "report", layout.report, cfg))
     return stages
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 def run(cfg: Config, run_stage: RunStage, force: bool = False) -> dict:
-    """Run every unfinished stage of `plan(cfg)`; returns the timing summary written to pipeline.json."""
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    record_path = out / "pipeline.json"
-    record = json.loads(record_path.read_text()) if record_path.exists() else {"stages": {}}
-    stages = plan(cfg)
+    """Run every unfinished stage of `pipeline_stages(cfg)`; returns the timing summary (pipeline.json)."""
+    layout = RunLayout(Path(cfg.output_dir))
+    layout.root.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(layout.saved_config, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    record_path = layout.pipeline_record
+    record = read_json(record_path) if record_path.exists() else {"stages": {}}
+    stages = pipeline_stages(cfg)
     started = time.time()
     for i, stage in enumerate(stages, 1):
         if stage.output.exists() and not force:
@@ -85,7 +79,7 @@ def run(cfg: Config, run_stage: RunStage, force: bool = False) -> dict:
         seconds = round(time.time() - t0, 1)
         record["stages"][stage.name] = {"seconds": seconds, "skipped_last_run": False}
         print(f"[pipeline {i}/{len(stages)}] {stage.name}: {seconds} s", flush=True)
-        _write_json_atomic(record_path, record)
+        write_json_atomic(record_path, record)
     record["last_run_seconds"] = round(time.time() - started, 1)
-    _write_json_atomic(record_path, record)
+    write_json_atomic(record_path, record)
     return record

@@ -1,0 +1,166 @@
+"""SFT, discriminator and RM training on Ray Train: `TorchTrainer` workers run `tlcr_ray.training.loop`.
+
+    tlcr sft        --config configs/demo.yaml
+    tlcr train-disc --config configs/demo.yaml
+    tlcr train-rm   --config configs/demo.yaml
+
+Each stage writes <output_dir>/<stage>/: ray/ (Ray Train storage: the last K DeepSpeed checkpoints),
+metrics.jsonl and tb/ (loss, lr, accuracy, tokens/s per optimizer step), model/ (the final HF folder)
+and summary.json. Rerunning a stage restores its latest checkpoint and continues from that step.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import ray
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+from tqdm import tqdm
+
+from tlcr_ray.config import TrainConfig
+from tlcr_ray.io import iter_jsonl, write_json_atomic
+from tlcr_ray.layout import RunLayout
+from tlcr_ray.local_ray import ensure_ray
+from tlcr_ray.models import load_tokenizer, resolve_model
+from tlcr_ray.training.batching import total_steps
+from tlcr_ray.training.examples import stage_examples, stage_init
+from tlcr_ray.training.loop import FAIL_AT_STEP_ENV, LoopSpec, run_rank
+
+CHECKPOINT_TAG = "ds"
+
+
+def run_sft(cfg, args=None) -> dict:
+    return train_stage(cfg, "sft")
+
+
+def run_disc(cfg, args=None) -> dict:
+    return train_stage(cfg, "disc")
+
+
+def run_rm(cfg, args=None) -> dict:
+    return train_stage(cfg, "rm")
+
+
+def train_stage(cfg, stage: str) -> dict:
+    """Train one stage end to end on Ray Train and return its summary."""
+    train_cfg: TrainConfig = getattr(cfg, stage)
+    stage_dir = RunLayout.of(cfg).stage_dir(stage).resolve()
+    init, why = stage_init(cfg, stage)
+    print(why, file=sys.stderr)
+    init = resolve_model(init)
+    tokenizer_path = resolve_model(cfg.model.tokenizer) if cfg.model.tokenizer else init
+    tokenizer = load_tokenizer(tokenizer_path)
+    train, heldout, data_stats = stage_examples(cfg, stage, tokenizer)
+    steps = total_steps(len(train), train_cfg, train_cfg.num_workers)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+
+    ensure_ray()
+    env = {k: os.environ[k] for k in ("TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE") if k in os.environ}
+    spec = LoopSpec(stage=stage, train_cfg=train_cfg, init=init, tokenizer=tokenizer_path, train=train,
+                    heldout=heldout, total_steps=steps, stage_dir=str(stage_dir),
+                    fail_at_step=int(os.environ.get(FAIL_AT_STEP_ENV, 0)))
+    # The examples travel once through the object store, not inside the pickled loop config.
+    loop_config = {"spec": ray.put(spec), "env": env}
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if train_cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
+                                     resources_per_worker={"CPU": train_cfg.cpus_per_worker}),
+        run_config=RunConfig(name="ray", storage_path=str(stage_dir),
+                             checkpoint_config=CheckpointConfig(num_to_keep=train_cfg.keep_checkpoints),
+                             failure_config=FailureConfig(max_failures=train_cfg.max_failures)),
+    )
+    started = time.time()
+    with _ProgressFromMetrics(stage_dir / "metrics.jsonl", steps, desc=stage) as progress:
+        result = trainer.fit()
+    metrics = dict(result.metrics or {})
+    summary = {
+        "stage": stage, "model": str(stage_dir / "model"), "init_from": init, "steps": steps,
+        "train_examples": len(train), "heldout_examples": len(heldout), "data": data_stats,
+        "wall_s": round(time.time() - started, 1),
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        # Ray's result carries the metrics of the latest checkpoint, which a restored run may not have written.
+        "resumed_from": progress.resumed_from,
+        **{k: metrics[k] for k in ("loss", "accuracy", "eval_loss", "eval_accuracy") if k in metrics},
+    }
+    write_json_atomic(stage_dir / "summary.json", summary)
+    return summary
+
+
+class _ProgressFromMetrics:
+    """A driver-side tqdm bar fed by the metrics.jsonl that rank 0 appends to (the workers run elsewhere).
+
+    Reads the whole (small) file each second and looks only at rows written since `fit()` began, so a
+    rank that truncates the log on resume cannot make it miss rows.
+    """
+
+    def __init__(self, path: Path, total: int, desc: str):
+        self.path, self.total, self.desc = path, total, desc
+        self.resumed_from = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+
+    def __enter__(self):
+        self._since = time.time() - 1.0
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _follow(self) -> None:
+        bar = tqdm(total=self.total, desc=self.desc, unit="step", file=sys.stderr)
+        while True:
+            stopping = self._stop.wait(1.0)
+            rows = [r for _, r in iter_jsonl(self.path, on_invalid="skip")] if self.path.exists() else []
+            for row in rows:
+                if row.get("time", 0) < self._since:
+                    continue
+                if row.get("event") == "resumed":
+                    self.resumed_from = row["from_step"]
+                if "step" in row and row["step"] >= bar.n:
+                    bar.n = row["step"]
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.3f}", refresh=False)
+            bar.refresh()
+            if stopping:
+                break
+        bar.close()
+
+
+# ---------------------------------------------------------------- inside each Ray Train worker
+
+class RayTrainCheckpoints:
+    """`tlcr_ray.training.loop.Checkpoints` over Ray Train: every rank saves its DeepSpeed shard into its
+    own temp folder and Ray Train merges them into one checkpoint in the stage's storage."""
+
+    def restore(self, engine) -> int:
+        checkpoint = ray.train.get_checkpoint()
+        if not checkpoint:
+            return 0
+        with checkpoint.as_directory() as folder:
+            _, client_state = engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
+        return client_state["step"]
+
+    def save(self, engine, step: int, metrics: dict) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            engine.save_checkpoint(folder, tag=CHECKPOINT_TAG, client_state={"step": step})
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder),
+                             checkpoint_dir_name=f"step_{step:06d}")
+
+    def report(self, metrics: dict) -> None:
+        ray.train.report(metrics)
+
+
+def _train_loop(config: dict) -> None:
+    """Runs in every Ray Train worker: the stage's loop body on this rank."""
+    os.environ.update(config["env"])
+    ctx = ray.train.get_context()
+    run_rank(ray.get(config["spec"]), ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(),
+             RayTrainCheckpoints())

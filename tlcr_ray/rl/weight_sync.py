@@ -1,0 +1,97 @@
+"""How updated learner weights reach the rollout engines.
+
+* object_store (CPU, or any HF engine): rank 0's state dict, put once, loaded by every engine.
+* nccl (CUDA learner + vLLM): learner rank 0 broadcasts into every vLLM worker over a stateless NCCL
+  group, through vLLM's documented weight-transfer API; `NCCLWeightSender` is the learner's side,
+  `VLLMRollout.init_weight_sync` / `receive_weights` the engines' side. Both sides must be issued
+  concurrently (they meet inside the collectives).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+
+from tlcr_ray.rl.rollout import resolve_backend
+
+# Default wire parameters of vLLM's packed NCCL transfer; both sides must agree on them.
+PACKED_BUFFER_SIZE_BYTES = 1024 * 1024 * 1024
+PACKED_NUM_BUFFERS = 2
+
+
+def weight_sync_method(backend: str, learner_on_cuda: bool) -> str:
+    """How learner weights reach the rollout engines: "nccl" (learner rank 0 broadcasts into the
+    vLLM workers, GPU to GPU) when vLLM serves a CUDA learner, else "object_store" (a CPU state dict
+    put once and loaded by every engine)."""
+    return "nccl" if learner_on_cuda and resolve_backend(backend) == "vllm" else "object_store"
+
+
+
+def weight_update_info(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, list]:
+    """The per-round metadata vLLM's NCCL receiver needs to size its buffers, in send order.
+
+    Returns {"names": [...], "dtype_names": ["float32", ...], "shapes": [[...], ...]}.
+    """
+    names, dtype_names, shapes = [], [], []
+    for name, tensor in named_tensors:
+        names.append(name)
+        dtype_names.append(str(tensor.dtype).removeprefix("torch."))
+        shapes.append(list(tensor.shape))
+    return {"names": names, "dtype_names": dtype_names, "shapes": shapes}
+
+
+def nccl_init_info(master_address: str, master_port: int, rank_offset: int, world_size: int) -> dict:
+    """The worker-side init payload of vLLM's "nccl" weight-transfer backend (packed broadcast)."""
+    return {"master_address": master_address, "master_port": master_port, "rank_offset": rank_offset,
+            "world_size": world_size, "packed": True, "packed_buffer_size_bytes": PACKED_BUFFER_SIZE_BYTES,
+            "packed_num_buffers": PACKED_NUM_BUFFERS}
+
+
+def with_tied_lm_head(state_dict: dict[str, torch.Tensor], tie_word_embeddings: bool) -> dict[str, torch.Tensor]:
+    """Add `lm_head.weight` (a copy of the input embedding) for tied-embedding models.
+
+    vLLM's CPU backend packs the output layer into its own matrix at load time; without an
+    explicit `lm_head.weight` a reload keeps the old packed head. A copy, also replacing an
+    `lm_head.weight` that shares the embedding's storage, because safetensors refuses shared tensors.
+    """
+    if not tie_word_embeddings:
+        return state_dict
+    if "model.embed_tokens.weight" not in state_dict:
+        if "lm_head.weight" in state_dict:
+            return state_dict
+        raise KeyError("tied-embedding state dict has neither lm_head.weight nor model.embed_tokens.weight")
+    return {**state_dict, "lm_head.weight": state_dict["model.embed_tokens.weight"].clone()}
+
+
+class NCCLWeightSender:
+    """Learner rank 0's side of the CUDA weight sync: owns rank 0 of the stateless NCCL group.
+
+    Usage (Ray actors, concurrently): rollout actors call `VLLMRollout.init_weight_sync(...)` while
+    the learner builds `NCCLWeightSender(addr, port, world_size)`; then, per sync, rollout actors
+    call `receive_weights(info)` while the learner calls `send(named_tensors)` with `info =
+    weight_update_info(named_tensors)` (same names, order, dtypes and shapes).
+    """
+
+    def __init__(self, master_address: str, master_port: int, world_size: int):
+        from vllm.distributed.weight_transfer.nccl_common import trainer_init
+
+        self.group = trainer_init({"master_address": master_address, "master_port": master_port,
+                                   "world_size": world_size})
+
+    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        from vllm.distributed.weight_transfer.packed_tensor import packed_nccl_broadcast_producer
+
+        packed_nccl_broadcast_producer(iterator=iter(named_tensors), group=self.group, src=0,
+                                       post_iter_func=lambda item: item[1],
+                                       buffer_size_bytes=PACKED_BUFFER_SIZE_BYTES,
+                                       num_buffers=PACKED_NUM_BUFFERS)
+        torch.cuda.current_stream().synchronize()
+
+    def close(self) -> None:
+        self.group.destroy()
+
+
+def cuda_named_tensors(state_dict: dict[str, torch.Tensor], tie_word_embeddings: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF-named tensors ready for `NCCLWeightSender.send` (contiguous, on the current CUDA device)."""
+    for name, tensor in with_tied_lm_head(state_dict, tie_word_embeddings).items():
+        yield name, tensor.detach().to("cuda").contiguous()

@@ -1,0 +1,172 @@
+"""The body of one supervised stage on one data-parallel rank: DeepSpeed over the pure-torch pieces.
+
+    run_rank(LoopSpec(stage="disc", ...), rank=0, world=1, device=torch.device("cpu"), checkpoints=io)
+
+The Ray layer (`actors/supervised.py`) calls this inside each Ray Train worker and supplies
+`checkpoints` (restore from / report to Ray Train's storage); nothing here imports Ray, so a plain
+process can run the same loop.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from tlcr_ray.config import TrainConfig
+from tlcr_ray.io import atomic_folder
+from tlcr_ray.models import SequenceRewardModel, TokenDiscriminator, load_policy, load_tokenizer, save_head_model
+from tlcr_ray.tracking import MetricsLog
+from tlcr_ray.training.batching import collate, micro_batches
+from tlcr_ray.training.losses import StepStats, compute_loss
+from tlcr_ray.training.optim import WEIGHT_DTYPES, lr_factor, param_groups, stage_deepspeed_config
+
+FAIL_AT_STEP_ENV = "TLCR_FAIL_AT_STEP"
+"""Fault injection for the resume test: a run that started from scratch raises at this optimizer step."""
+
+
+class Checkpoints(Protocol):
+    def restore(self, engine) -> int:
+        """Load the latest checkpoint into `engine`; -> its step (0: none)."""
+
+    def save(self, engine, step: int, metrics: dict) -> None:
+        """Save `engine` at `step` (collective: every rank calls it)."""
+
+    def report(self, metrics: dict) -> None:
+        """Report metrics without a checkpoint."""
+
+
+@dataclass
+class LoopSpec:
+    stage: str
+    train_cfg: TrainConfig
+    init: str
+    """Model folder to start from."""
+    tokenizer: str
+    train: list[dict]
+    heldout: list[dict]
+    total_steps: int
+    stage_dir: str
+    fail_at_step: int = 0
+
+
+def build_model(stage: str, init_path: str, dtype: str = "float32", seed: int = 0) -> nn.Module:
+    """sft: the causal LM itself; disc / rm: its backbone with a fresh head."""
+    if stage == "sft":
+        return load_policy(init_path, dtype)
+    cls = {"disc": TokenDiscriminator, "rm": SequenceRewardModel}[stage]
+    return cls.from_pretrained(init_path, dtype=dtype, seed=seed)
+
+
+def export_model(stage: str, model: nn.Module, path, tokenizer, state_dict: dict | None = None) -> None:
+    """Write the stage's model as an HF folder (atomically); `state_dict` overrides the live weights."""
+    if stage == "sft":
+        with atomic_folder(path) as tmp:
+            model.save_pretrained(tmp, state_dict=state_dict)
+            tokenizer.save_pretrained(tmp)
+    else:
+        save_head_model(model, path, tokenizer, state_dict=state_dict)
+
+
+def build_engine(spec: LoopSpec):
+    """The model, AdamW, the lr schedule and the DeepSpeed engine of the stage -> (engine, schedule)."""
+    import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+    cfg = spec.train_cfg
+    torch.manual_seed(cfg.seed)
+    # Half-precision runs load half-precision weights (7B in fp32 is 28 GB per worker); DeepSpeed keeps fp32 masters.
+    model = build_model(spec.stage, spec.init, WEIGHT_DTYPES[cfg.precision], seed=cfg.seed)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    warmup = round(cfg.warmup_ratio * spec.total_steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_factor, total=spec.total_steps, warmup=warmup, schedule=cfg.lr_schedule))
+    engine, _, _, schedule = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                                  config=stage_deepspeed_config(cfg))
+    return engine, schedule
+
+
+def run_rank(spec: LoopSpec, rank: int, world: int, device: torch.device, checkpoints: Checkpoints) -> None:
+    """Train from the latest checkpoint to `total_steps`; rank 0 logs metrics and exports the model."""
+    stage, cfg, steps = spec.stage, spec.train_cfg, spec.total_steps
+    tokenizer = load_tokenizer(spec.tokenizer)
+    engine, schedule = build_engine(spec)
+    start = checkpoints.restore(engine)
+    log = MetricsLog(spec.stage_dir, resume_step=start, drop_after_resume=False) if rank == 0 else None
+    if log and start:
+        log.event(event="resumed", from_step=start)
+    model_dir = Path(spec.stage_dir) / "model"
+    batches = micro_batches(spec.train, cfg.micro_batch_size, rank, world, cfg.seed, start=start * cfg.grad_accum)
+    pad_id = tokenizer.pad_token_id
+    for step in range(start + 1, steps + 1):
+        if step == spec.fail_at_step and start == 0:
+            raise RuntimeError(f"injected failure at step {step} ({FAIL_AT_STEP_ENV})")
+        began, lr = time.time(), schedule.get_last_lr()[0]
+        stats = StepStats()
+        engine.train()
+        for _ in range(cfg.grad_accum):
+            batch = {k: v.to(device) for k, v in collate(stage, next(batches), pad_id).items()}
+            loss, correct, counted = compute_loss(stage, engine, batch)
+            engine.backward(loss)
+            engine.step()
+            stats.add(loss.item(), correct, counted, int(batch["attention_mask"].sum()))
+        row = {"lr": lr, **all_reduce(stats, device)}
+        row["tokens_per_s"] = row["tokens"] / (time.time() - began)
+        if log:
+            log.write(step, row)
+        final = step == steps
+        if final and spec.heldout:
+            row.update({f"eval_{k}": v for k, v in evaluate(stage, engine, spec.heldout, cfg.micro_batch_size, rank,
+                                                           world, pad_id, device).items() if k != "tokens"})
+            if log:
+                log.event(eval_step=step, **{k: v for k, v in row.items() if k.startswith("eval_")})
+        if final:
+            export(stage, engine, cfg.zero_stage, model_dir, tokenizer, rank)
+        if final or step % cfg.checkpoint_every == 0:
+            checkpoints.save(engine, step, {"step": step, **row})
+    if start >= steps:  # restored a finished run
+        if not (model_dir / "config.json").exists():
+            export(stage, engine, cfg.zero_stage, model_dir, tokenizer, rank)
+        checkpoints.report({"step": steps})
+    if log:
+        log.close()
+
+
+def all_reduce(stats: StepStats, device) -> dict:
+    """Sum one step's statistics over the data-parallel ranks -> loss, accuracy, tokens."""
+    import torch.distributed as dist
+
+    total = torch.tensor([stats.loss, stats.correct, stats.counted, stats.tokens, stats.micro_batches],
+                         dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    summed = StepStats(*[float(x) for x in total[:3]], int(total[3]), int(total[4]))
+    return summed.summary()
+
+
+@torch.no_grad()
+def evaluate(stage, engine, heldout, micro_batch_size: int, rank, world, pad_id, device) -> dict:
+    """Loss and accuracy on the held-out examples, sharded over ranks."""
+    engine.eval()
+    stats = StepStats()
+    shard = heldout[rank::world]
+    for i in range(0, len(shard), micro_batch_size):
+        batch = {k: v.to(device) for k, v in collate(stage, shard[i:i + micro_batch_size], pad_id).items()}
+        loss, correct, counted = compute_loss(stage, engine, batch)
+        stats.add(loss.item(), correct, counted, int(batch["attention_mask"].sum()))
+    return all_reduce(stats, device)
+
+
+def export(stage, engine, zero_stage: int, path: Path, tokenizer, rank: int) -> None:
+    """Rank 0 writes the HF folder; under ZeRO-3 every rank first helps gather the full weights."""
+    import torch.distributed as dist
+
+    state = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None
+    if rank == 0:
+        export_model(stage, engine.module, path, tokenizer, state_dict=state)
+    dist.barrier()
