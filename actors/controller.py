@@ -29,8 +29,7 @@ from tlcr_ray.layout import RunLayout
 from tlcr_ray.local_ray import ensure_ray
 from tlcr_ray.models import load_tokenizer, resolve_model
 from tlcr_ray.rl.batch import RolloutBatch, merge_batches, split_rows
-from tlcr_ray.rl.loop_state import (initial_state, response_mask, sample_prompts, saved_state, step_metrics,
-                                    sync_check)
+from tlcr_ray.rl.loop_state import initial_state, response_mask, sample_prompts, saved_state, step_metrics, sync_check
 from tlcr_ray.rl.ppo_math import KL_ESTIMATORS, advantages_from_rollout
 from tlcr_ray.rl.rewards import MODES
 from tlcr_ray.tracking import CheckpointDir, MetricsLog
@@ -181,9 +180,9 @@ def _resolve_paths(cfg: Config) -> tuple[str, str]:
 def run(cfg: Config, args=None) -> dict:
     """`tlcr ppo`: the whole run, resuming from the last checkpoint and surviving lost actors."""
     policy_dir, reward_dir = _resolve_paths(cfg)
-    layout = RunLayout.of(cfg)
-    run_dir = layout.ppo_dir(cfg.reward.mode)
-    ckpts = CheckpointDir(layout.ppo_checkpoints(cfg.reward.mode), keep=cfg.ppo.keep_checkpoints)
+    paths = RunLayout.of(cfg).ppo(cfg.reward.mode)
+    run_dir = paths.dir
+    ckpts = CheckpointDir(paths.checkpoints, keep=cfg.ppo.keep_checkpoints)
     if cfg.ppo.resume == "never":
         shutil.rmtree(ckpts.root, ignore_errors=True)
     elif cfg.ppo.resume != "auto":
@@ -209,7 +208,7 @@ def run(cfg: Config, args=None) -> dict:
             if ckpt is not None:
                 get_all(groups.learners.load_checkpoint(str(ckpt)))
             PPOLoop(cfg, groups, prompts, tokenizer.pad_token_id, ckpts, metrics).run(state)
-            final = layout.ppo_model(cfg.reward.mode)
+            final = paths.model
             tmp = run_dir / f".model.tmp-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             get_all(groups.learners.export_hf(str(tmp)))
@@ -229,5 +228,5 @@ def run(cfg: Config, args=None) -> dict:
     rows = metrics.rows()
     last = rows[-1] if rows else {}
     return {"stage": "ppo", "mode": cfg.reward.mode, "steps": state["step"], "failures_recovered": failures,
-            "run_dir": str(run_dir), "model": str(layout.ppo_model(cfg.reward.mode)), "wall_s": round(time.perf_counter() - started, 1),
+            "run_dir": str(run_dir), "model": str(paths.model), "wall_s": round(time.perf_counter() - started, 1),
             "final": {k: last.get(k) for k in ("reward_token_mean", "kl", "response_len", "time_step")}}

@@ -1,26 +1,23 @@
 """Reference actor: per-token log-probs (and, for the full KL, logits) of the frozen initial (SFT) policy."""
 from __future__ import annotations
 
-import os
 import time
 
 import ray
 import torch
 
+from actors.common import ActorBase, actor_device
 from tlcr_ray.rl.batch import RolloutBatch, pack, response_logits_of, select_rows, token_logprobs
 
 
 @ray.remote(max_restarts=0)
-class Reference:
+class Reference(ActorBase):
     def __init__(self, model_dir: str, dtype: str = "float32", temperature: float = 1.0):
         from tlcr_ray.models import load_policy
 
         self.temperature = temperature
-        self.device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
+        self.device = actor_device()
         self.model = load_policy(model_dir, dtype=dtype).to(self.device).eval()
-
-    def pid(self) -> int:
-        return os.getpid()
 
     @torch.no_grad()
     def logprobs(self, batch: RolloutBatch, pad_id: int, rows: range | None = None, with_logits: bool = False) -> dict:

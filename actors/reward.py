@@ -1,27 +1,24 @@
 """Reward actor: discriminator -> per-token p and r (or the sequence RM's score on the last token)."""
 from __future__ import annotations
 
-import os
 import time
 
 import ray
 import torch
 
-from tlcr_ray.rl.rewards import discriminator_probs, sequence_rewards, token_rewards
+from actors.common import ActorBase, actor_device
 from tlcr_ray.rl.batch import RolloutBatch, pack, select_rows
+from tlcr_ray.rl.rewards import discriminator_probs, sequence_rewards, token_rewards
 
 
 @ray.remote(max_restarts=0)
-class RewardScorer:
+class RewardScorer(ActorBase):
     def __init__(self, model_dir: str, reward_cfg, dtype: str = "float32"):
         from tlcr_ray.models import load_head_model
 
         self.cfg = reward_cfg
-        self.device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
+        self.device = actor_device()
         self.model = load_head_model(model_dir, dtype=dtype).to(self.device).eval()
-
-    def pid(self) -> int:
-        return os.getpid()
 
     @torch.no_grad()
     def score(self, batch: RolloutBatch, pad_id: int, rows: range | None = None) -> dict:

@@ -1,24 +1,21 @@
 """Rollout actor: one generation engine (vLLM or HF `generate`) behind the RolloutEngine interface."""
 from __future__ import annotations
 
-import os
 import time
 
 import ray
 
+from actors.common import ActorBase, actor_device
 from tlcr_ray.rl.batch import RolloutBatch
 from tlcr_ray.rl.rollout import make_engine
 
 
 @ray.remote(max_restarts=0)
-class Rollout:
+class Rollout(ActorBase):
     def __init__(self, model_dir: str, backend: str, engine_kwargs: dict):
         """`engine_kwargs`: `tlcr_ray.rl.batch.make_engine` keywords (dtype, seed, vLLM sizes)."""
-        device = "cuda" if ray.get_gpu_ids() else "cpu"
+        device = actor_device().type
         self.engine = make_engine(backend, model_dir, device=device, **engine_kwargs)
-
-    def pid(self) -> int:
-        return os.getpid()
 
     def generate(self, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
                  seed: int) -> tuple[RolloutBatch, float]:

@@ -49,7 +49,8 @@ def run_rm(cfg, args=None) -> dict:
 def train_stage(cfg, stage: str) -> dict:
     """Train one stage end to end on Ray Train and return its summary."""
     train_cfg: TrainConfig = getattr(cfg, stage)
-    stage_dir = RunLayout.of(cfg).stage_dir(stage).resolve()
+    paths = RunLayout.of(cfg).stage(stage)
+    stage_dir = paths.dir.resolve()
     init, why = stage_init(cfg, stage)
     print(why, file=sys.stderr)
     init = resolve_model(init)
@@ -77,11 +78,11 @@ def train_stage(cfg, stage: str) -> dict:
                              failure_config=FailureConfig(max_failures=train_cfg.max_failures)),
     )
     started = time.time()
-    with _ProgressFromMetrics(stage_dir / "metrics.jsonl", steps, desc=stage) as progress:
+    with _ProgressFromMetrics(paths.metrics, steps, desc=stage) as progress:
         result = trainer.fit()
     metrics = dict(result.metrics or {})
     summary = {
-        "stage": stage, "model": str(stage_dir / "model"), "init_from": init, "steps": steps,
+        "stage": stage, "model": str(paths.model.resolve()), "init_from": init, "steps": steps,
         "train_examples": len(train), "heldout_examples": len(heldout), "data": data_stats,
         "wall_s": round(time.time() - started, 1),
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
@@ -89,7 +90,7 @@ def train_stage(cfg, stage: str) -> dict:
         "resumed_from": progress.resumed_from,
         **{k: metrics[k] for k in ("loss", "accuracy", "eval_loss", "eval_accuracy") if k in metrics},
     }
-    write_json_atomic(stage_dir / "summary.json", summary)
+    write_json_atomic(paths.summary, summary)
     return summary
 
 

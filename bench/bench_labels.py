@@ -22,9 +22,9 @@ import Levenshtein  # noqa: E402
 
 from bench.common import record  # noqa: E402
 from tlcr_ray.data.pairs import load_pairs  # noqa: E402
+from tlcr_ray.data.tokens import encode_prompt_response  # noqa: E402
 from tlcr_ray.labeling.labels import edit_labels  # noqa: E402
 from tlcr_ray.models import embedded_tokenizer_dir, load_tokenizer  # noqa: E402
-from tlcr_ray.data.tokens import encode_prompt_response  # noqa: E402
 
 DATA = "data/hh-rlhf/harmless-base/test.jsonl.gz"
 

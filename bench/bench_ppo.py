@@ -32,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import record  # noqa: E402
+from tlcr_ray.layout import RunLayout  # noqa: E402
 
 
 def _ensure_models(cfg, work: Path) -> None:
@@ -52,7 +53,7 @@ def run_ours(cfg) -> list[dict]:
     from actors.controller import run
 
     run(cfg)
-    rows = [json.loads(x) for x in (RunLayout.of(cfg).ppo_dir(cfg.reward.mode) / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in RunLayout.of(cfg).ppo(cfg.reward.mode).metrics.read_text().splitlines()]
     return rows[1:]  # step 1 includes actor start-up
 
 
@@ -132,9 +133,9 @@ def trl_in_fresh_process(omp_wait_policy: str | None, *args) -> float:
 def versus_trl(steps: int, work: Path, batch: int = 8, response_len: int = 32) -> None:
     from tlcr_ray.config import load_config
     from tlcr_ray.data.pairs import load_split
+    from tlcr_ray.data.tokens import encode_prompts
     from tlcr_ray.models import embedded_tokenizer_dir, load_tokenizer
     from tlcr_ray.testing.tiny_model import build_tiny_llama
-    from tlcr_ray.data.tokens import encode_prompts
 
     model_dir = str(build_tiny_llama(work / "tiny", embedded_tokenizer_dir(), seed=0))
     cfg = load_config("configs/tiny.yaml", [

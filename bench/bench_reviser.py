@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import record  # noqa: E402
 from tlcr_ray.config import DataConfig, ReviserConfig  # noqa: E402
 from tlcr_ray.data.pairs import load_pairs  # noqa: E402
-from tlcr_ray.models import embedded_tokenizer_dir, load_tokenizer  # noqa: E402
 from tlcr_ray.labeling.revise import make_reviser, revise_all  # noqa: E402
+from tlcr_ray.models import embedded_tokenizer_dir, load_tokenizer  # noqa: E402
 
 
 def start_server(latency: float) -> tuple[subprocess.Popen, str]:

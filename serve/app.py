@@ -25,11 +25,11 @@ from serve.limits import Limits
 from serve.metrics import ScorerMetrics
 from serve.schemas import ModelInfo
 from tlcr_ray.config import Config, ConfigError, RewardConfig, ServeConfig, load_config
+from tlcr_ray.data.tokens import Encoded
 from tlcr_ray.layout import RunLayout
 from tlcr_ray.local_ray import ensure_ray
 from tlcr_ray.rl.rewards import TOKEN_MODES
 from tlcr_ray.rl.text_scoring import ItemScore, item_score, response_probabilities
-from tlcr_ray.data.tokens import Encoded
 
 APP_NAME = "tlcr"
 
@@ -99,7 +99,7 @@ class TokenRewardAPI:
 
 
 def resolve_checkpoint(cfg: Config, checkpoint: str | None = None) -> str:
-    path = Path(checkpoint or cfg.serve.checkpoint or RunLayout(Path(cfg.output_dir)).stage_model("disc"))
+    path = Path(checkpoint or cfg.serve.checkpoint or RunLayout(Path(cfg.output_dir)).stage("disc").model)
     if not (path / "head.json").exists():
         raise ConfigError(f"serve.checkpoint: {path} is not a discriminator folder (no head.json); "
                           "train one with `tlcr train-disc` or pass --checkpoint DIR")

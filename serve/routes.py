@@ -14,8 +14,16 @@ from fastapi.responses import JSONResponse
 from serve.auth import make_auth_dependency
 from serve.limits import BodySizeLimit, check_tokens, limit_hint
 from serve.metrics import IngressMetrics, MetricsMiddleware
-from serve.schemas import (ERRORS, GetRewardResponse, Health, ItemOut, ModelInfo, TokenOut, TokenRewardsResponse,
-                           request_models)
+from serve.schemas import (
+    ERRORS,
+    GetRewardResponse,
+    Health,
+    ItemOut,
+    ModelInfo,
+    TokenOut,
+    TokenRewardsResponse,
+    request_models,
+)
 from tlcr_ray.rl.text_scoring import ItemScore, encode_items
 
 

@@ -2,137 +2,95 @@
 override them. One file answers "what does stage X read and write".
 
     layout = RunLayout.of(cfg)
-    layout.labels            # runs/demo/label/labels.jsonl  (disc.labels_path overrides)
-    layout.discriminator     # runs/demo/disc/model          (reward.discriminator overrides)
-    layout.ppo_dir("sequence")
+    layout.labels                  # runs/demo/label/labels.jsonl  (disc.labels_path overrides)
+    layout.discriminator           # runs/demo/disc/model          (reward.discriminator overrides)
+    layout.stage("rm").eval        # runs/demo/rm/eval.json
+    layout.ppo("sequence").model   # runs/demo/ppo-sequence/model
 
     <output_dir>/
       config.yaml  pipeline.json                       the pipeline's saved config and stage times
       label/       revisions.jsonl quarantine.jsonl labels.jsonl summary.json
       sft/ disc/ rm/                                   supervised stages: model/ metrics.jsonl tb/ ray/ summary.json
-      disc/eval.json  rm/eval.json                     held-out evaluation
+                                                       (+ eval.json for disc and rm: held-out evaluation)
       ppo-<mode>/  metrics.jsonl tb/ checkpoints/step-N/ model/
-      eval/<bench>.json eval/<bench>/{answers,judgments}.jsonl     MT-Bench / AlpacaEval
+      eval/        <bench>.json <bench>/{answers,judgments}.jsonl      MT-Bench / AlpacaEval
       report/      report.md reward_table.json heatmap.html *.png
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 SUPERVISED_STAGES = ("sft", "disc", "rm")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 """The checkout: shipped data (data/) and the Ray layers (actors/, serve/) live beside tlcr_ray/."""
 
 
-@dataclass(frozen=True)
+class StagePaths(NamedTuple):
+    """A supervised stage's folder: the final model, Ray Train storage, metrics and evaluation."""
+
+    dir: Path
+    model: Path
+    ray_storage: Path
+    metrics: Path
+    summary: Path
+    eval: Path
+
+
+class PPOPaths(NamedTuple):
+    dir: Path
+    model: Path
+    checkpoints: Path
+    metrics: Path
+
+
+class BenchPaths(NamedTuple):
+    """An MT-Bench / AlpacaEval run: its caches folder and its result file."""
+
+    dir: Path
+    result: Path
+
+
 class RunLayout:
-    root: Path
-    labels_override: str | None = None
-    discriminator_override: str | None = None
-    reward_model_override: str | None = None
-    policy_override: str | None = None
+    def __init__(self, root: str | Path, *, labels: str | None = None, discriminator: str | None = None,
+                 reward_model: str | None = None, policy: str | None = None):
+        """`root` is output_dir; the keywords are the config's overrides (None: the run folder's own)."""
+        self.root = root = Path(root)
+        self.saved_config, self.pipeline_record = root / "config.yaml", root / "pipeline.json"
+
+        self.label_dir = label = root / "label"
+        self.revisions, self.quarantine = label / "revisions.jsonl", label / "quarantine.jsonl"
+        self.label_output, self.label_summary = label / "labels.jsonl", label / "summary.json"
+        # What the discriminator trains on: disc.labels_path, else what `tlcr label` wrote.
+        self.labels = Path(labels) if labels else self.label_output
+
+        self.sft_model = self.stage("sft").model
+        self.discriminator = Path(discriminator) if discriminator else self.stage("disc").model
+        self.reward_model = Path(reward_model) if reward_model else self.stage("rm").model
+        # A string: ppo.policy may be a hub id or `embedded:...`.
+        self.initial_policy = policy or str(self.sft_model)
+
+        self.report_dir = report = root / "report"
+        self.report, self.reward_table = report / "report.md", report / "reward_table.json"
 
     @classmethod
     def of(cls, cfg) -> "RunLayout":
-        return cls(Path(cfg.output_dir), cfg.disc.labels_path, cfg.reward.discriminator, cfg.reward.reward_model,
-                   cfg.ppo.policy)
+        return cls(cfg.output_dir, labels=cfg.disc.labels_path, discriminator=cfg.reward.discriminator,
+                   reward_model=cfg.reward.reward_model, policy=cfg.ppo.policy)
 
-    # ---- the pipeline
-    @property
-    def saved_config(self) -> Path:
-        return self.root / "config.yaml"
+    def stage(self, stage: str) -> StagePaths:
+        if stage not in SUPERVISED_STAGES:
+            raise ValueError(f"unknown supervised stage {stage!r}; expected one of {', '.join(SUPERVISED_STAGES)}")
+        d = self.root / stage
+        return StagePaths(d, d / "model", d / "ray", d / "metrics.jsonl", d / "summary.json", d / "eval.json")
 
-    @property
-    def pipeline_record(self) -> Path:
-        return self.root / "pipeline.json"
+    def ppo(self, mode: str) -> PPOPaths:
+        d = self.root / f"ppo-{mode}"
+        return PPOPaths(d, d / "model", d / "checkpoints", d / "metrics.jsonl")
 
-    # ---- label
-    @property
-    def label_dir(self) -> Path:
-        return self.root / "label"
-
-    @property
-    def revisions(self) -> Path:
-        return self.label_dir / "revisions.jsonl"
-
-    @property
-    def quarantine(self) -> Path:
-        return self.label_dir / "quarantine.jsonl"
-
-    @property
-    def label_output(self) -> Path:
-        """What `tlcr label` writes."""
-        return self.label_dir / "labels.jsonl"
-
-    @property
-    def label_summary(self) -> Path:
-        return self.label_dir / "summary.json"
-
-    @property
-    def labels(self) -> Path:
-        """What the discriminator trains on: disc.labels_path, else the label stage's output."""
-        return Path(self.labels_override) if self.labels_override else self.label_output
-
-    # ---- supervised stages (sft, disc, rm)
-    def stage_dir(self, stage: str) -> Path:
-        if stage not in SUPERVISED_STAGES + ("label", "report", "eval"):
-            raise ValueError(f"unknown stage folder {stage!r}")
-        return self.root / stage
-
-    def stage_model(self, stage: str) -> Path:
-        return self.stage_dir(stage) / "model"
-
-    def heldout_eval(self, stage: str) -> Path:
-        """disc/eval.json or rm/eval.json."""
-        return self.stage_dir(stage) / "eval.json"
-
-    @property
-    def sft_model(self) -> Path:
-        return self.stage_model("sft")
-
-    @property
-    def discriminator(self) -> Path:
-        return Path(self.discriminator_override) if self.discriminator_override else self.stage_model("disc")
-
-    @property
-    def reward_model(self) -> Path:
-        return Path(self.reward_model_override) if self.reward_model_override else self.stage_model("rm")
-
-    @property
-    def initial_policy(self) -> str:
-        """ppo.policy, else the SFT model (a string: ppo.policy may be a hub id or `embedded:`)."""
-        return self.policy_override or str(self.sft_model)
-
-    # ---- PPO
-    def ppo_dir(self, mode: str) -> Path:
-        return self.root / f"ppo-{mode}"
-
-    def ppo_model(self, mode: str) -> Path:
-        return self.ppo_dir(mode) / "model"
-
-    def ppo_checkpoints(self, mode: str) -> Path:
-        return self.ppo_dir(mode) / "checkpoints"
-
-    def ppo_metrics(self) -> dict[str, Path]:
+    def ppo_runs(self) -> dict[str, Path]:
         """{mode: metrics.jsonl} of every PPO run in the folder."""
         return {p.parent.name.removeprefix("ppo-"): p for p in sorted(self.root.glob("ppo-*/metrics.jsonl"))}
 
-    # ---- benchmarks and report
-    def bench_dir(self, bench: str) -> Path:
-        return self.root / "eval" / bench
-
-    def bench_result(self, bench: str) -> Path:
-        return self.root / "eval" / f"{bench}.json"
-
-    @property
-    def report_dir(self) -> Path:
-        return self.root / "report"
-
-    @property
-    def report(self) -> Path:
-        return self.report_dir / "report.md"
-
-    @property
-    def reward_table(self) -> Path:
-        return self.report_dir / "reward_table.json"
+    def bench(self, bench: str) -> BenchPaths:
+        return BenchPaths(self.root / "eval" / bench, self.root / "eval" / f"{bench}.json")

@@ -43,16 +43,16 @@ def pipeline_stages(cfg: Config) -> list[Stage]:
     stages = [
         Stage("label", "label", layout.label_output, cfg),
         Stage("sft", "sft", layout.sft_model, cfg),
-        Stage("train-disc", "train-disc", layout.stage_model("disc"), cfg),
-        Stage("eval-disc", "eval-disc", layout.heldout_eval("disc"), cfg),
+        Stage("train-disc", "train-disc", layout.stage("disc").model, cfg),
+        Stage("eval-disc", "eval-disc", layout.stage("disc").eval, cfg),
     ]
     if "sequence" in cfg.pipeline.ppo_modes:
-        stages.append(Stage("train-rm", "train-rm", layout.stage_model("rm"), cfg))
-        stages.append(Stage("eval-rm", "eval-rm", layout.heldout_eval("rm"), cfg))
+        stages.append(Stage("train-rm", "train-rm", layout.stage("rm").model, cfg))
+        stages.append(Stage("eval-rm", "eval-rm", layout.stage("rm").eval, cfg))
     for mode in cfg.pipeline.ppo_modes:
         mode_cfg = copy.deepcopy(cfg)
         mode_cfg.reward.mode = mode
-        stages.append(Stage(f"ppo-{mode}", "ppo", layout.ppo_model(mode), mode_cfg))
+        stages.append(Stage(f"ppo-{mode}", "ppo", layout.ppo(mode).model, mode_cfg))
     stages.append(Stage("report", "report", layout.report, cfg))
     return stages
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from tlcr_ray.rl.rewards import MODES
 

@@ -16,7 +16,6 @@ import json
 
 import pytest
 
-
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.vllm]
 TOL = 1e-3  # fp32 vLLM vs HF, max abs log-prob (tests/test_vllm_rollout.py)
 

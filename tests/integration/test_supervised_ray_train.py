@@ -12,7 +12,6 @@ from tlcr_ray.labeling.labels import write_labels
 from tlcr_ray.models import load_head_model
 
 
-
 @torch.no_grad()
 def accuracy(stage, model, examples, pad_id) -> float:
     model.eval()

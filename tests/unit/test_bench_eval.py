@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tlcr_ray.eval.benchmarks import REPO_DATA, load_alpaca_reference, load_mt_bench, run_alpaca_eval, run_mt_bench
 from tlcr_ray.cli import main as tlcr_main
 from tlcr_ray.config import ConfigError, load_config
+from tlcr_ray.eval.benchmarks import REPO_DATA, load_alpaca_reference, load_mt_bench, run_alpaca_eval, run_mt_bench
 from tlcr_ray.eval.judge import pairwise_request, parse_rating, parse_verdict
 from tlcr_ray.testing.openai_server import OpenAITestServer, Reply
 

@@ -50,7 +50,7 @@ def test_unsplittable_rows(tmp_path, chosen, rejected, reason):
                                                {"chosen": chosen, "rejected": rejected}])
     pairs, skipped = load_pairs(path, on_bad_row="skip")
     assert len(pairs) == 1 and skipped == {reason: 1}
-    with pytest.raises(DataError, match=rf"x\.jsonl:2: field '(chosen|rejected)'"):
+    with pytest.raises(DataError, match=r"x\.jsonl:2: field '(chosen|rejected)'"):
         load_pairs(path)
 
 

@@ -5,15 +5,13 @@ and KL_t at the planted index. A run through the controller: tests/integration/t
 """
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from tlcr_ray.config import ConfigError
-from tlcr_ray.rl.ppo_math import advantages_from_rollout, full_kl, token_kl
 from tlcr_ray.rl.batch import pack, response_logits, response_logits_of, token_logprobs
+from tlcr_ray.rl.ppo_math import advantages_from_rollout, full_kl, token_kl
 
 VOCAB, PREV, BAD = 32, 11, 7
 CPU = torch.device("cpu")

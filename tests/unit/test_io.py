@@ -7,8 +7,15 @@ import os
 
 import pytest
 
-from tlcr_ray.io import (JsonlError, KeyedJsonl, atomic_folder, iter_jsonl, read_json, write_json_atomic,
-                         write_jsonl_atomic)
+from tlcr_ray.io import (
+    JsonlError,
+    KeyedJsonl,
+    atomic_folder,
+    iter_jsonl,
+    read_json,
+    write_json_atomic,
+    write_jsonl_atomic,
+)
 
 
 @pytest.mark.parametrize("group_commit", [False, True])

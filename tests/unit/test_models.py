@@ -8,8 +8,17 @@ import pytest
 import torch
 
 from tlcr_ray.io import atomic_folder
-from tlcr_ray.models import (HEAD_KINDS, SequenceRewardModel, TokenDiscriminator, ValueModel,
-                             load_head_model, load_policy, load_tokenizer, resolve_model, save_head_model)
+from tlcr_ray.models import (
+    HEAD_KINDS,
+    SequenceRewardModel,
+    TokenDiscriminator,
+    ValueModel,
+    load_head_model,
+    load_policy,
+    load_tokenizer,
+    resolve_model,
+    save_head_model,
+)
 
 
 def _batch(tokenizer):

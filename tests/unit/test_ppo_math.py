@@ -3,10 +3,18 @@ from types import SimpleNamespace
 
 import torch
 
-from tlcr_ray.rl.ppo_math import (entropy_from_logits, full_kl, gae, kl_penalty, masked_whiten, policy_loss,
-                          shaped_rewards, value_loss)
-from tlcr_ray.rl.rewards import discriminator_probs, token_rewards
 from tlcr_ray.rl.batch import pack, policy_logprobs
+from tlcr_ray.rl.ppo_math import (
+    entropy_from_logits,
+    full_kl,
+    gae,
+    kl_penalty,
+    masked_whiten,
+    policy_loss,
+    shaped_rewards,
+    value_loss,
+)
+from tlcr_ray.rl.rewards import discriminator_probs, token_rewards
 
 REWARDS = torch.tensor([[1.0, 0.0, 2.0], [0.5, 1.0, 0.0]])
 VALUES = torch.tensor([[0.5, 1.0, 1.5], [1.0, 2.0, 9.0]])  # 9.0 sits on padding and must be ignored

@@ -12,8 +12,15 @@ from openai import OpenAI
 from tlcr_ray.config import ConfigError, ReviserConfig
 from tlcr_ray.data.pairs import PreferencePair
 from tlcr_ray.labeling.labels import label_pair
-from tlcr_ray.labeling.revise import (CLOSE_TAG, OPEN_TAG, RevisionResult, build_messages,
-                             make_reviser, parse_revision, revise_all, token_edit_ratio)
+from tlcr_ray.labeling.revise import (
+    CLOSE_TAG,
+    OPEN_TAG,
+    build_messages,
+    make_reviser,
+    parse_revision,
+    revise_all,
+    token_edit_ratio,
+)
 from tlcr_ray.testing.openai_server import OpenAITestServer, Reply, edit_handler
 
 PROMPT = "\n\nHuman: How do I keep my houseplants alive?\n\nAssistant:"

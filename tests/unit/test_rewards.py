@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from tlcr_ray.rl.rewards import discriminator_probs, sequence_rewards, token_rewards
 from tlcr_ray.rl.batch import pack
+from tlcr_ray.rl.rewards import discriminator_probs, sequence_rewards, token_rewards
 
 P = torch.tensor([[0.0, 0.3, 0.4, 0.5, 0.6, 0.9, 1.0]])
 

@@ -15,7 +15,7 @@ from tlcr_ray.config import TrainConfig, load_config
 from tlcr_ray.data.pairs import PreferencePair
 from tlcr_ray.labeling.labels import write_labels
 from tlcr_ray.layout import RunLayout
-from tlcr_ray.models import SequenceRewardModel, TokenDiscriminator, load_head_model, load_policy
+from tlcr_ray.models import SequenceRewardModel, TokenDiscriminator, load_policy
 
 NEG, POS = 1000, 2000  # the planted rule of the `planted_rows` fixture (conftest.py)
 
@@ -189,9 +189,9 @@ def test_eval_disc_and_rm_on_heldout_pairs(tiny_model_dir, tokenizer, tmp_path):
     train, heldout, _ = stages.stage_examples(cfg, "disc", tokenizer)
     assert heldout and not {e["pair_id"] for e in train} & {e["pair_id"] for e in heldout}
     fit_in_process("disc", disc, train, steps=40, lr=3e-3, pad_id=tokenizer.pad_token_id)
-    save_head_model(disc, RunLayout.of(cfg).stage_model("disc"), tokenizer)
+    save_head_model(disc, RunLayout.of(cfg).stage("disc").model, tokenizer)
     result = run_cli(cfg, Namespace(target="disc"))
-    assert json.loads((RunLayout.of(cfg).heldout_eval("disc")).read_text())["token_accuracy"] == result["token_accuracy"]
+    assert json.loads((RunLayout.of(cfg).stage("disc").eval).read_text())["token_accuracy"] == result["token_accuracy"]
     assert result["token_accuracy"] >= 0.95 and result["heldout_pairs"] == len(heldout) // 2
     assert result["positive_recall"] >= 0.9 and result["negative_recall"] >= 0.9
     assert result["chosen_vs_rejected_accuracy"] >= 0.9
@@ -199,6 +199,6 @@ def test_eval_disc_and_rm_on_heldout_pairs(tiny_model_dir, tokenizer, tmp_path):
     rm = SequenceRewardModel.from_pretrained(tiny_model_dir, seed=0)
     train, heldout, _ = stages.stage_examples(cfg, "rm", tokenizer)
     fit_in_process("rm", rm, train, steps=30, lr=3e-3, pad_id=tokenizer.pad_token_id)
-    save_head_model(rm, RunLayout.of(cfg).stage_model("rm"), tokenizer)
+    save_head_model(rm, RunLayout.of(cfg).stage("rm").model, tokenizer)
     result = run_cli(cfg, Namespace(target="rm"))
     assert result["pairs"] == len(heldout) > 0 and result["pairwise_accuracy"] >= 0.9

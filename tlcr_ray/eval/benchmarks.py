@@ -21,10 +21,17 @@ from pathlib import Path
 from tqdm import tqdm
 
 from tlcr_ray.config import Config, ConfigError, EvalConfig
-from tlcr_ray.io import KeyedJsonl, iter_jsonl, write_json_atomic
+from tlcr_ray.eval.judge import (
+    DEFAULT_BASE_URL,
+    MT_BENCH_REF_CATEGORIES,
+    judge_all,
+    judge_api_key,
+    load_templates,
+    mt_bench_requests,
+    pairwise_request,
+)
+from tlcr_ray.io import KeyedJsonl, iter_jsonl, read_json, write_json_atomic
 from tlcr_ray.layout import REPO_ROOT, RunLayout
-from tlcr_ray.eval.judge import (DEFAULT_BASE_URL, MT_BENCH_REF_CATEGORIES, judge_all, judge_api_key,
-                            load_templates, mt_bench_requests, pairwise_request)
 
 REPO_DATA = REPO_ROOT / "data"
 BENCHES = ("mt-bench", "alpaca-eval")
@@ -62,12 +69,7 @@ def load_mt_bench(folder: str | Path) -> tuple[list[dict], dict[int, list[str]],
 def load_alpaca_reference(path: str | Path) -> list[dict]:
     """AlpacaEval model_outputs.json: a JSON array of {instruction, output, generator, dataset}."""
     path = Path(path)
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: not found") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: invalid JSON ({exc})") from None
+    rows = read_json(path)
     if not isinstance(rows, list):
         raise ValueError(f"{path}: expected a JSON array of records")
     for i, row in enumerate(rows):
@@ -211,7 +213,7 @@ def run_mt_bench(cfg: Config, model_dir: str) -> dict:
     judge_api_key(ev, base_url)  # a missing key fails now, not after an hour of generation
     questions, references, templates = load_mt_bench(ev.mt_bench_dir or REPO_DATA / "mt-bench")
     questions = _limited(questions, ev.limit)
-    gen = AnswerGenerator(model_dir, ev, KeyedJsonl(layout.bench_dir("mt-bench") / "answers.jsonl"), cfg.model.dtype)
+    gen = AnswerGenerator(model_dir, ev, KeyedJsonl(layout.bench("mt-bench").dir / "answers.jsonl"), cfg.model.dtype)
     first = gen.answer([[{"role": "user", "content": q["turns"][0]}] for q in questions], "mt-bench turn 1")
     second = gen.answer([[{"role": "user", "content": q["turns"][0]},
                           {"role": "assistant", "content": a["answer"]},
@@ -222,10 +224,10 @@ def run_mt_bench(cfg: Config, model_dir: str) -> dict:
         reference = (references.get(q["question_id"]) or q.get("reference")) \
             if q["category"] in MT_BENCH_REF_CATEGORIES else None
         requests += mt_bench_requests(q, [a1["answer"], a2["answer"]], templates, reference, ev.judge_model)
-    records = judge_all(requests, layout.bench_dir("mt-bench") / "judgments.jsonl", ev, ev.judge_model, ev.judge_base_url)
+    records = judge_all(requests, layout.bench("mt-bench").dir / "judgments.jsonl", ev, ev.judge_model, ev.judge_base_url)
     summary = mt_bench_summary([records[r.key] for r in requests])
     truncated = sum(a["finish_reason"] == "length" for a in first + second)
-    return _write_result(layout.bench_result("mt-bench"), "mt-bench", cfg, model_dir, len(questions), truncated, summary)
+    return _write_result(layout.bench("mt-bench").result, "mt-bench", cfg, model_dir, len(questions), truncated, summary)
 
 
 def run_alpaca_eval(cfg: Config, model_dir: str) -> dict:
@@ -234,16 +236,16 @@ def run_alpaca_eval(cfg: Config, model_dir: str) -> dict:
     judge_api_key(ev, base_url)
     reference_path = ev.alpaca_reference or REPO_DATA / "alpaca-eval" / "gpt4_1106_preview_outputs.json"
     items = _limited(load_alpaca_reference(reference_path), ev.limit)
-    gen = AnswerGenerator(model_dir, ev, KeyedJsonl(layout.bench_dir("alpaca-eval") / "answers.jsonl"), cfg.model.dtype)
+    gen = AnswerGenerator(model_dir, ev, KeyedJsonl(layout.bench("alpaca-eval").dir / "answers.jsonl"), cfg.model.dtype)
     answers = gen.answer([[{"role": "user", "content": it["instruction"]}] for it in items], "alpaca-eval")
     requests = [pairwise_request(i, it["instruction"], a["answer"], it["output"], ev.judge_model, ev.seed)
                 for i, (it, a) in enumerate(zip(items, answers))]
-    records = judge_all(requests, layout.bench_dir("alpaca-eval") / "judgments.jsonl", ev, ev.judge_model, ev.judge_base_url)
+    records = judge_all(requests, layout.bench("alpaca-eval").dir / "judgments.jsonl", ev, ev.judge_model, ev.judge_base_url)
     summary = win_rate_summary([records[r.key] for r in requests])
     summary["reference"] = str(reference_path)
     summary["mean_answer_chars"] = _mean([len(a["answer"]) for a in answers])
     truncated = sum(a["finish_reason"] == "length" for a in answers)
-    return _write_result(layout.bench_result("alpaca-eval"), "alpaca-eval", cfg, model_dir, len(items), truncated, summary)
+    return _write_result(layout.bench("alpaca-eval").result, "alpaca-eval", cfg, model_dir, len(items), truncated, summary)
 
 
 def _write_result(path: Path, bench: str, cfg: Config, model_dir: str, questions: int, truncated: int,

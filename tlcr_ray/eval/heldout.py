@@ -93,12 +93,20 @@ def _heldout_pairs(cfg, pair_ids: set[str]):
     return [p for p in every if p.pair_id in pair_ids]
 
 
+def _load_heldout(cfg, stage: str, model_dir) -> tuple:
+    """The stage's model and tokenizer, and the examples its training left out -> (model, tokenizer, heldout, stats)."""
+    model, tokenizer = load_head_model(model_dir), load_tokenizer(str(model_dir))
+    _, heldout, stats = stages.stage_examples(cfg, stage, tokenizer)
+    if not heldout:
+        fraction = getattr(cfg, stage).eval_fraction
+        raise ValueError(f"{stage}: no held-out {'labelled ' if stage == 'disc' else ''}pairs "
+                         f"({stage}.eval_fraction={fraction})")
+    return model, tokenizer, heldout, stats
+
+
 def evaluate_disc(cfg) -> dict:
     model_dir = RunLayout.of(cfg).discriminator
-    model, tokenizer = load_head_model(model_dir), load_tokenizer(str(model_dir))
-    _, heldout, stats = stages.stage_examples(cfg, "disc", tokenizer)
-    if not heldout:
-        raise ValueError(f"disc: no held-out labelled pairs (disc.eval_fraction={cfg.disc.eval_fraction})")
+    model, tokenizer, heldout, stats = _load_heldout(cfg, "disc", model_dir)
     batch = cfg.disc.micro_batch_size
     result = {"model": str(model_dir), "labels": stats.get("labels"), "eval_fraction": cfg.disc.eval_fraction,
               **disc_token_metrics(model, heldout, tokenizer.pad_token_id, batch)}
@@ -118,10 +126,7 @@ def evaluate_disc(cfg) -> dict:
 
 def evaluate_rm(cfg) -> dict:
     model_dir = RunLayout.of(cfg).reward_model
-    model, tokenizer = load_head_model(model_dir), load_tokenizer(str(model_dir))
-    _, heldout, _ = stages.stage_examples(cfg, "rm", tokenizer)
-    if not heldout:
-        raise ValueError(f"rm: no held-out pairs (rm.eval_fraction={cfg.rm.eval_fraction})")
+    model, tokenizer, heldout, _ = _load_heldout(cfg, "rm", model_dir)
     return {"model": str(model_dir), "eval_fraction": cfg.rm.eval_fraction,
             **rm_pair_metrics(model, heldout, tokenizer.pad_token_id, cfg.rm.micro_batch_size)}
 
@@ -129,5 +134,5 @@ def evaluate_rm(cfg) -> dict:
 def run_cli(cfg, args) -> dict:
     """`tlcr eval disc|rm`: evaluate and write <output_dir>/<stage>/eval.json (atomically)."""
     result = evaluate_disc(cfg) if args.target == "disc" else evaluate_rm(cfg)
-    out = write_json_atomic(RunLayout.of(cfg).heldout_eval(args.target), result)
+    out = write_json_atomic(RunLayout.of(cfg).stage(args.target).eval, result)
     return {"eval": str(out), **result}

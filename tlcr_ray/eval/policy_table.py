@@ -12,14 +12,14 @@ from __future__ import annotations
 import torch
 
 from tlcr_ray.config import Config
+from tlcr_ray.data.pairs import load_split
+from tlcr_ray.data.tokens import encode_prompt_response
 from tlcr_ray.io import write_json_atomic
 from tlcr_ray.layout import RunLayout
-from tlcr_ray.data.pairs import load_split
 from tlcr_ray.models import load_head_model, load_tokenizer, resolve_model
-from tlcr_ray.rl.rewards import discriminator_probs, token_rewards
 from tlcr_ray.rl.batch import pack
+from tlcr_ray.rl.rewards import discriminator_probs, token_rewards
 from tlcr_ray.rl.rollout.hf import HFRollout
-from tlcr_ray.data.tokens import encode_prompt_response
 
 # Report label -> the PPO mode whose model it is (None: the SFT model), in the paper's order.
 POLICIES = {"SFT": None, "PPO-seq": "sequence", "TLCR-fixed": "fixed", "TLCR": "continuous"}
@@ -67,7 +67,7 @@ def reward_table(cfg: Config) -> dict:
     tokenizer = load_tokenizer(resolve_model(cfg.model.tokenizer or cfg.model.base))
     rows, samples = {}, {}
     for name, mode in POLICIES.items():
-        model_dir = layout.sft_model if mode is None else layout.ppo_model(mode)
+        model_dir = layout.sft_model if mode is None else layout.ppo(mode).model
         if not model_dir.exists():
             continue
         engine = HFRollout(str(model_dir), dtype=cfg.model.dtype)

@@ -47,7 +47,7 @@ def plot_curves(run_dir: Path, out: Path) -> list[str]:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    runs = {mode: read_step_rows(path) for mode, path in RunLayout(run_dir).ppo_metrics().items()}
+    runs = {mode: read_step_rows(path) for mode, path in RunLayout(run_dir).ppo_runs().items()}
     runs = {mode: rows for mode, rows in runs.items() if rows}
     written = []
     for stem, title, key in CURVES:
@@ -99,9 +99,9 @@ def _tokens_html(tokenizer, ids: list[int], p: list[float], labels: list[float] 
 
 def write_heatmap(cfg: Config, table: dict, out: Path) -> None:
     """report/heatmap.html: sampled responses before/after PPO, and held-out labelled pairs."""
+    from tlcr_ray.eval.policy_table import score_samples
     from tlcr_ray.labeling.labels import read_labels
     from tlcr_ray.models import load_head_model, load_tokenizer, resolve_model
-    from tlcr_ray.eval.policy_table import score_samples
     from tlcr_ray.training import is_heldout
 
     tokenizer = load_tokenizer(resolve_model(cfg.model.tokenizer or cfg.model.base))
@@ -142,7 +142,7 @@ def _fmt(x) -> str:
 def write_markdown(cfg: Config, run_dir: Path, table: dict, plots: list[str], out: Path) -> None:
     layout = RunLayout(run_dir)
     pipeline = read_json(layout.pipeline_record) if layout.pipeline_record.exists() else {}
-    disc_eval = read_json(layout.heldout_eval("disc")) if layout.heldout_eval("disc").exists() else {}
+    disc_eval = read_json(layout.stage("disc").eval) if layout.stage("disc").eval.exists() else {}
     lines = [f"# TLCR run report: `{run_dir}`", ""]
     lines += ["## Stage wall times", "", "| stage | seconds |", "|---|---|"]
     for stage, info in pipeline.get("stages", {}).items():

@@ -14,12 +14,12 @@ import time
 from collections import Counter
 
 from tlcr_ray.config import Config
-from tlcr_ray.io import write_json_atomic, write_jsonl_atomic
-from tlcr_ray.layout import RunLayout
 from tlcr_ray.data.pairs import load_split
+from tlcr_ray.io import write_json_atomic, write_jsonl_atomic
 from tlcr_ray.labeling.labels import IGNORE, label_pair, write_labels
-from tlcr_ray.models import load_tokenizer
 from tlcr_ray.labeling.revise import INSTRUCTION_VERSION, make_reviser, revise_all
+from tlcr_ray.layout import RunLayout
+from tlcr_ray.models import load_tokenizer
 
 
 def run(cfg: Config, args=None) -> dict:

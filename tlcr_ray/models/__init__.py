@@ -1,8 +1,20 @@
 """Models: the embedded base model and name resolution, tokenizer/policy loading, the head models."""
-from tlcr_ray.models.embedded import (EMBEDDED_PREFIX, cache_dir, embedded_gguf_path, embedded_model_dir,
-                                      embedded_tokenizer_dir, resolve_model)
-from tlcr_ray.models.heads import (HEAD_KINDS, SequenceRewardModel, TokenDiscriminator, ValueModel, load_head_model,
-                                   save_head_model)
+from tlcr_ray.models.embedded import (
+                                      EMBEDDED_PREFIX,
+                                      cache_dir,
+                                      embedded_gguf_path,
+                                      embedded_model_dir,
+                                      embedded_tokenizer_dir,
+                                      resolve_model,
+)
+from tlcr_ray.models.heads import (
+                                      HEAD_KINDS,
+                                      SequenceRewardModel,
+                                      TokenDiscriminator,
+                                      ValueModel,
+                                      load_head_model,
+                                      save_head_model,
+)
 from tlcr_ray.models.loading import DTYPES, load_policy, load_tokenizer, torch_dtype
 
 __all__ = ["EMBEDDED_PREFIX", "cache_dir", "embedded_gguf_path", "embedded_model_dir", "embedded_tokenizer_dir",

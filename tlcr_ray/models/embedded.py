@@ -11,7 +11,7 @@ import fcntl
 import importlib.util
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from tlcr_ray.io import atomic_folder
 
@@ -49,43 +49,47 @@ def embedded_gguf_path() -> Path:
     return found[0]
 
 
-def embedded_tokenizer_dir() -> Path:
-    """The SmolLM2 tokenizer as an HF folder, read from the GGUF metadata (no weights de-quantized)."""
-    target = cache_dir() / "models" / f"{EMBEDDED_FOLDER}-tokenizer"
-    if (target / "tokenizer_config.json").exists():
-        return target
+def _convert_once(target: Path, marker: str, write: Callable[[Path], None]) -> Path:
+    """`target` if `target/marker` exists, else `write(tmp)` into a temp folder renamed to `target`; the
+    lock makes concurrent callers (test sessions, Ray workers) convert once and then all reuse it."""
+    if not (target / marker).exists():
+        with _file_lock(cache_dir() / "models" / ".convert.lock"):
+            if not (target / marker).exists():
+                with atomic_folder(target) as tmp:
+                    write(tmp)
+    return target
+
+
+def _gguf_tokenizer():
     from transformers import AutoTokenizer
 
-    with _file_lock(cache_dir() / "models" / ".convert.lock"):
-        if not (target / "tokenizer_config.json").exists():
-            gguf = embedded_gguf_path()
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            with atomic_folder(target) as tmp:
-                tokenizer.save_pretrained(tmp)
-    return target
+    gguf = embedded_gguf_path()
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+
+
+def embedded_tokenizer_dir() -> Path:
+    """The SmolLM2 tokenizer as an HF folder, read from the GGUF metadata (no weights de-quantized)."""
+    return _convert_once(cache_dir() / "models" / f"{EMBEDDED_FOLDER}-tokenizer", "tokenizer_config.json",
+                         lambda tmp: _gguf_tokenizer().save_pretrained(tmp))
 
 
 def embedded_model_dir() -> Path:
     """SmolLM2-135M-Instruct as an fp32 safetensors folder (with tokenizer), converted once from the GGUF."""
-    target = cache_dir() / "models" / EMBEDDED_FOLDER
-    if (target / "config.json").exists():
-        return target
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with _file_lock(cache_dir() / "models" / ".convert.lock"):
-        if not (target / "config.json").exists():
-            gguf = embedded_gguf_path()
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-            # The weights are plain fp32 after loading; only the bookkeeping still says "gguf".
-            model.hf_quantizer = None
-            if hasattr(model.config, "quantization_config"):
-                del model.config.quantization_config
-            with atomic_folder(target) as tmp:
-                model.save_pretrained(tmp)
-                tokenizer.save_pretrained(tmp)
-    return target
+    def write(tmp: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        gguf = embedded_gguf_path()
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are plain fp32 after loading; only the bookkeeping still says "gguf".
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        _gguf_tokenizer().save_pretrained(tmp)
+
+    return _convert_once(cache_dir() / "models" / EMBEDDED_FOLDER, "config.json", write)
 
 
 def resolve_model(name_or_path: str) -> str:

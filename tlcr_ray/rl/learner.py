@@ -19,10 +19,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from tlcr_ray.rl.batch import (
+    PackedBatch,
+    RolloutBatch,
+    pack,
+    response_logits_of,
+    select_rows,
+    shard_rows,
+    token_logprobs,
+)
 from tlcr_ray.rl.ppo_math import masked_mean, policy_loss, value_loss
 from tlcr_ray.training.optim import PRECISION_OF_DTYPE, deepspeed_config
-from tlcr_ray.rl.batch import (PackedBatch, RolloutBatch, pack, response_logits_of, select_rows, shard_rows,
-                               token_logprobs)
 
 
 class PPOLearner:
