@@ -76,7 +76,7 @@ class LearnerGroup:
     """Creates the ranks on a placement group (one bundle each) and fans calls out to all of them."""
 
     def __init__(self, policy_dir: str, ppo_cfg, dtype: str, placement_group, name: str = "tlcr-ppo-learner",
-                 rendezvous_dir: str | None = None, runtime_env: dict | None = None):
+                 runtime_env: dict | None = None):
         n = ppo_cfg.learner.num_actors
         self.workers = [
             LearnerWorker.options(
@@ -90,7 +90,7 @@ class LearnerGroup:
         on_gpu = ppo_cfg.learner.num_gpus > 0
         port = ray.get(self.workers[0].free_port.remote()) if needs_tcp_rendezvous(self.node_ips, on_gpu) else None
         # A fresh name that no file has yet: the file:// rendezvous creates it (rank 0's node /tmp).
-        rdzv_file = os.path.join(rendezvous_dir or tempfile.gettempdir(), f"tlcr-learner-rdzv-{uuid.uuid4().hex}")
+        rdzv_file = os.path.join(tempfile.gettempdir(), f"tlcr-learner-rdzv-{uuid.uuid4().hex}")
         self.init_method = rendezvous_init_method(self.node_ips, on_gpu, rdzv_file, port)
         self.ready = [w.start.remote(policy_dir, ppo_cfg, rank, n, self.init_method, dtype)
                       for rank, w in enumerate(self.workers)]
