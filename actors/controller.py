@@ -10,7 +10,6 @@ each put once. Writes <output_dir>/ppo-<mode>/{metrics.jsonl, tb/, checkpoints/,
 """
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from actors.groups import ActorGroups, get_all
 from tlcr_ray.config import Config, ConfigError
 from tlcr_ray.data.pairs import load_split
 from tlcr_ray.data.tokens import encode_prompts
-from tlcr_ray.io import read_json, write_json_atomic
+from tlcr_ray.io import atomic_folder, read_json, write_json_atomic
 from tlcr_ray.layout import RunLayout
 from tlcr_ray.local_ray import ensure_ray
 from tlcr_ray.models import load_tokenizer, resolve_model
@@ -208,12 +207,8 @@ def run(cfg: Config, args=None) -> dict:
             if ckpt is not None:
                 get_all(groups.learners.load_checkpoint(str(ckpt)))
             PPOLoop(cfg, groups, prompts, tokenizer.pad_token_id, ckpts, metrics).run(state)
-            final = paths.model
-            tmp = run_dir / f".model.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            get_all(groups.learners.export_hf(str(tmp)))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            with atomic_folder(paths.model) as tmp:
+                get_all(groups.learners.export_hf(str(tmp)))
             break
         except ACTOR_LOST as exc:
             failures += 1
