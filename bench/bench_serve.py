@@ -26,13 +26,13 @@ from bench.common import record  # noqa: E402
 from tlcr_ray.config import load_config  # noqa: E402
 from tlcr_ray.models import (  # noqa: E402
     TokenDiscriminator,
-    build_tiny_llama,
     embedded_model_dir,
     embedded_tokenizer_dir,
     load_tokenizer,
     save_head_model,
 )
 from tlcr_ray.rl.text_scoring import encode_items, response_probabilities  # noqa: E402
+from tlcr_ray.testing.tiny_model import build_tiny_llama  # noqa: E402
 
 WORDS = "the a quick answer is that you should never do this because it is harmful and unsafe please ask".split()
 
