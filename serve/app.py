@@ -16,7 +16,6 @@ import asyncio
 import os
 import time
 from dataclasses import replace
-from pathlib import Path
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -24,12 +23,18 @@ from ray.serve.handle import DeploymentHandle
 from serve.limits import Limits
 from serve.metrics import ScorerMetrics
 from serve.schemas import ModelInfo
+from tlcr_ray.choices import SEQUENCE_SCORES
 from tlcr_ray.config import Config, ConfigError, RewardConfig, ServeConfig, load_config
 from tlcr_ray.data.tokens import Encoded
-from tlcr_ray.layout import RunLayout
-from tlcr_ray.local_ray import ensure_ray
+from tlcr_ray.local_ray import ensure_ray, pin_serve_grpc_to_loopback
 from tlcr_ray.rl.rewards import TOKEN_MODES
-from tlcr_ray.rl.text_scoring import ItemScore, item_score, response_probabilities
+from tlcr_ray.rl.text_scoring import (
+    ItemScore,
+    item_score,
+    resolve_discriminator,
+    response_probabilities,
+    tokenizer_folder,
+)
 
 APP_NAME = "tlcr"
 
@@ -39,6 +44,7 @@ class Scorer:
     """Holds the discriminator; batches items across requests into one forward pass."""
 
     def __init__(self, checkpoint: str, tokenizer: str, serve_cfg: ServeConfig, reward_cfg: RewardConfig):
+        pin_serve_grpc_to_loopback()  # before Serve starts this replica's gRPC server (after __init__)
         import torch
 
         from tlcr_ray.models import TokenDiscriminator, load_head_model, load_tokenizer
@@ -73,6 +79,7 @@ class TokenRewardAPI:
     """HTTP face: everything but the forward pass. Auth key read from this replica's environment."""
 
     def __init__(self, scorer: DeploymentHandle, checkpoint: str, tokenizer: str, serve_cfg: ServeConfig):
+        pin_serve_grpc_to_loopback()  # before Serve starts this replica's gRPC server (after __init__)
         from tlcr_ray.models import load_tokenizer
 
         self.scorer = scorer
@@ -99,25 +106,13 @@ class TokenRewardAPI:
 
 
 def resolve_checkpoint(cfg: Config, checkpoint: str | None = None) -> str:
-    path = Path(checkpoint or cfg.serve.checkpoint or RunLayout(Path(cfg.output_dir)).stage("disc").model)
-    if not (path / "head.json").exists():
-        raise ConfigError(f"serve.checkpoint: {path} is not a discriminator folder (no head.json); "
-                          "train one with `tlcr train-disc` or pass --checkpoint DIR")
-    return str(path.resolve())
-
-
-def resolve_tokenizer(cfg: Config, checkpoint: str) -> str:
-    """The checkpoint's own tokenizer (save_head_model writes it), else model.tokenizer, else model.base's."""
-    if (Path(checkpoint) / "tokenizer_config.json").exists():
-        return checkpoint
-    from tlcr_ray.models import resolve_model
-
-    return resolve_model(cfg.model.tokenizer or cfg.model.base)
+    return str(resolve_discriminator(cfg, checkpoint))
 
 
 def validate(serve_cfg: ServeConfig) -> None:
-    if serve_cfg.sequence_score not in ("sum", "mean"):
-        raise ConfigError(f"serve.sequence_score: expected sum or mean, got {serve_cfg.sequence_score!r}")
+    if serve_cfg.sequence_score not in SEQUENCE_SCORES:
+        raise ConfigError(f"serve.sequence_score: expected one of {', '.join(SEQUENCE_SCORES)}, "
+                          f"got {serve_cfg.sequence_score!r}")
     if serve_cfg.mode not in TOKEN_MODES:
         raise ConfigError(f"serve.mode: expected one of {', '.join(TOKEN_MODES)}, got {serve_cfg.mode!r}")
     if serve_cfg.max_ongoing_requests < serve_cfg.max_batch_size:
@@ -135,7 +130,7 @@ def build_application(cfg: Config, checkpoint: str | None = None, ingress_env: d
     """
     validate(cfg.serve)
     checkpoint = resolve_checkpoint(cfg, checkpoint)
-    tokenizer = resolve_tokenizer(cfg, checkpoint)
+    tokenizer = tokenizer_folder(cfg, checkpoint)
     s = cfg.serve
     scorer = Scorer.options(
         max_ongoing_requests=s.max_ongoing_requests,
@@ -179,7 +174,7 @@ def run_cli(cfg: Config, args) -> dict:
     try:
         while True:
             time.sleep(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through cli.main's stop_on_signals()
         pass
     finally:
         serve.shutdown()

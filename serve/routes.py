@@ -24,6 +24,7 @@ from serve.schemas import (
     TokenRewardsResponse,
     request_models,
 )
+from serve.ui import add_ui_routes
 from tlcr_ray.rl.text_scoring import ItemScore, encode_items
 
 
@@ -44,9 +45,10 @@ def build_fastapi_app(service) -> FastAPI:
         detail = "; ".join(f"{'.'.join(e['loc']) or 'body'}: {e['msg']}" for e in errors) or "invalid request"
         return JSONResponse(status_code=422, content={"detail": detail, "errors": errors})
 
-    async def score_all(responses: list[str], prompts: list[str], field: str, mode: str):
-        """Encode jointly (as training does), check token limits, score each item through the batcher."""
-        encoded = encode_items(service.tokenizer, list(zip(prompts, responses)))
+    async def score_all(responses: list[str], prompts: list[str], field: str, mode: str, add_eos: bool = True):
+        """Encode jointly (as training does; a finished response ends with EOS), check token limits, score
+        each item through the batcher."""
+        encoded = encode_items(service.tokenizer, list(zip(prompts, responses)), add_eos=add_eos)
         check_tokens(limits, [len(enc.input_ids) for enc in encoded], field)
         # A response with no tokens (empty, or only characters the tokenizer drops) scores 0 without a forward.
         return await asyncio.gather(*[service.score(response, enc, mode) if len(enc.input_ids) > enc.response_start
@@ -56,7 +58,7 @@ def build_fastapi_app(service) -> FastAPI:
               dependencies=[Depends(auth)], summary="Per-token rewards of (prompt, response) items")
     async def token_rewards(body: TokenRewardsRequest) -> TokenRewardsResponse:
         scored = await score_all([it.response for it in body.items], [it.prompt for it in body.items],
-                                 "items", body.mode)
+                                 "items", body.mode, body.add_eos)
         return TokenRewardsResponse(
             model=service.info.checkpoint, mode=body.mode,
             items=[ItemOut(tokens=[TokenOut(**vars(t)) for t in s.tokens], sum=s.sum, mean=s.mean) for s in scored])
@@ -84,6 +86,7 @@ def build_fastapi_app(service) -> FastAPI:
     async def model_info() -> ModelInfo:
         return service.info
 
+    add_ui_routes(app)  # GET / and /ui: the browser page (no auth; its API calls send the key)
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=IngressMetrics(),
                        paths=("/v1/token-rewards", "/get_reward", "/healthz", "/v1/model"))

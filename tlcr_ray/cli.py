@@ -7,6 +7,7 @@
     tlcr ppo        --config configs/demo.yaml          # also: python -m tlcr_ray.cli ppo ... (ray job submit)
     tlcr eval       disc|rm|mt-bench|alpaca-eval --config ...
     tlcr serve      --checkpoint runs/demo/disc/model [--host 127.0.0.1 --port 8000]
+    tlcr score      --checkpoint runs/demo/disc/model --input pairs.jsonl --output scores.jsonl
     tlcr pipeline   --config configs/demo.yaml [--force]
     tlcr report     runs/demo
 
@@ -18,12 +19,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import signal
 import sys
 from typing import Callable
 
 from tlcr_ray.config import Config, ConfigError, load_config
 from tlcr_ray.data.pairs import DataError
-from tlcr_ray.local_ray import set_process_defaults
+from tlcr_ray.eval.score_file import add_arguments as add_score_arguments
+from tlcr_ray.local_ray import set_process_defaults, stop_on_signals
 
 # Config-driven subcommand -> (module, function, help). Functions take (cfg, args) and return a
 # JSON-able summary; `eval-disc`/`eval-rm` and `report` are the pipeline's names for `eval` and `report`.
@@ -69,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="discriminator folder (default: <output_dir>/disc/model)")
     p.add_argument("--host", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8000)")
+    p = sub.add_parser("score", help="token rewards of a JSONL/parquet file with a discriminator, offline (no Ray)")
+    _add_config_args(p)
+    add_score_arguments(p)
     p = sub.add_parser("report", help="plots, token heat-map and report.md for a run folder")
     p.add_argument("run_dir")
     return parser
@@ -89,37 +95,46 @@ def run_stage(command: str, cfg: Config, args: argparse.Namespace | None = None)
     raise ValueError(f"unknown stage {command!r}")
 
 
+def dispatch(args: argparse.Namespace) -> dict | None:
+    """Run the parsed subcommand; -> its JSON-able summary."""
+    if args.command == "report":
+        from tlcr_ray.eval.report import write_report
+
+        return write_report(args.run_dir)
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "eval":
+        return importlib.import_module(EVAL_TARGETS[args.target]).run_cli(cfg, args)
+    if args.command == "serve":
+        from serve.app import run_cli
+
+        return run_cli(cfg, args)
+    if args.command == "score":
+        from tlcr_ray.eval.score_file import run_cli as run_score
+
+        return run_score(cfg, args)
+    if args.command == "pipeline":
+        from tlcr_ray.pipeline import run as run_pipeline
+
+        return run_pipeline(cfg, run_stage, force=args.force)
+    return run_stage(args.command, cfg, args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     set_process_defaults()
     try:
-        if args.command == "report":
-            from tlcr_ray.eval.report import write_report
-
-            summary = write_report(args.run_dir)
-        else:
-            cfg = load_config(args.config, args.overrides)
-            if args.command == "eval":
-                summary = importlib.import_module(EVAL_TARGETS[args.target]).run_cli(cfg, args)
-            elif args.command == "serve":
-                from serve.app import run_cli
-
-                summary = run_cli(cfg, args)
-            elif args.command == "pipeline":
-                from tlcr_ray.pipeline import run as run_pipeline
-
-                summary = run_pipeline(cfg, run_stage, force=args.force)
-            else:
-                summary = run_stage(args.command, cfg, args)
+        # SIGINT/SIGTERM unwind like Ctrl-C, then every process a local Ray started is stopped.
+        with stop_on_signals():
+            summary = dispatch(args)
     except ConfigError as exc:
         print(f"tlcr: config error: {exc}", file=sys.stderr)
         return 2
     except (DataError, FileNotFoundError) as exc:
         print(f"tlcr: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("tlcr: interrupted; finished work is kept and a rerun resumes", file=sys.stderr)
-        return 130
+        return 128 + getattr(exc, "signum", signal.SIGINT)  # 130 for SIGINT, 143 for SIGTERM
     if summary is not None:
         print(json.dumps(summary, indent=2, default=str))
     return 0
