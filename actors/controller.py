@@ -21,16 +21,16 @@ from tqdm import tqdm
 
 from actors.groups import ActorGroups, get_all
 from tlcr_ray.config import Config, ConfigError
-from tlcr_ray.data.pairs import load_split
+from tlcr_ray.data.pairs import load_split, rl_prompt_pools
 from tlcr_ray.data.tokens import encode_prompts
 from tlcr_ray.io import atomic_folder, read_json, write_json_atomic
 from tlcr_ray.layout import RunLayout
 from tlcr_ray.local_ray import ensure_ray
-from tlcr_ray.models import load_tokenizer, resolve_model
+from tlcr_ray.models import load_tokenizer, resolve_model, vocabulary_mismatch
 from tlcr_ray.rl.batch import RolloutBatch, merge_batches, split_rows
 from tlcr_ray.rl.loop_state import initial_state, response_mask, sample_prompts, saved_state, step_metrics, sync_check
 from tlcr_ray.rl.ppo_math import KL_ESTIMATORS, advantages_from_rollout
-from tlcr_ray.rl.rewards import MODES
+from tlcr_ray.rl.rewards import MODES, apply_missing_eos_penalty
 from tlcr_ray.tracking import CheckpointDir, MetricsLog
 
 ACTOR_LOST = (RayActorError,)  # ActorDiedError and ActorUnavailableError are subclasses
@@ -52,7 +52,7 @@ class PPOLoop:
         seed = int(state["rng"].integers(2**31))
         chunks = split_rows(len(prompt_ids), len(g.rollouts))
         gen = get_all([r.generate.remote([prompt_ids[i] for i in rows], self.cfg.model.max_response_len,
-                                         ppo.temperature, ppo.top_p, seed + k)
+                                         ppo.temperature, ppo.top_p, seed + k, ppo.stop)
                        for k, (r, rows) in enumerate(zip(g.rollouts, chunks))])
         batch = merge_batches([b for b, _ in gen])
         t_generated = time.perf_counter()
@@ -70,6 +70,8 @@ class PPOLoop:
         cat = lambda parts, key: torch.cat([p[key] for p in parts])  # noqa: E731
         rewards = cat(scores, "rewards")
         mask = response_mask(batch.response_ids, rewards.shape[1])
+        if ppo.truncated == "penalize":  # a row cut at max_response_len (no EOS) loses a fixed amount at its end
+            rewards = apply_missing_eos_penalty(rewards, mask, batch.finish_reasons, ppo.missing_eos_penalty)
         old_logprobs, ref_logprobs, values = cat(evals, "logprobs"), cat(refs, "logprobs"), cat(evals, "values")
         adv = advantages_from_rollout(rewards, old_logprobs, ref_logprobs, values, mask,
                                       kl_coef=ppo.kl_coef, gamma=ppo.gamma, lam=ppo.lam,
@@ -173,6 +175,10 @@ def _resolve_paths(cfg: Config) -> tuple[str, str]:
     for path, name in ((policy, "ppo.policy"), (reward, key)):
         if not Path(path).exists():
             raise ConfigError(f"{name}: {path} does not exist (run the earlier stage or set {name})")
+    # The reward model scores the policy's token ids (and may seed the critic): same vocabulary or nothing.
+    mismatch = vocabulary_mismatch(policy, reward)
+    if mismatch:
+        raise ConfigError(f"{key}: {reward} does not share the policy's vocabulary ({policy}): {mismatch}")
     return policy, reward
 
 
@@ -191,10 +197,12 @@ def run(cfg: Config, args=None) -> dict:
     if cfg.ppo.sync_check_every < 1:
         raise ConfigError(f"ppo.sync_check_every: must be >= 1, got {cfg.ppo.sync_check_every}")
     tokenizer = load_tokenizer(cfg.model.tokenizer or policy_dir)
-    pairs, _ = load_split(cfg.data, "rl")
-    prompts = encode_prompts(tokenizer, [p.prompt for p in pairs], cfg.model.max_prompt_len)
-    if not prompts:
+    rl_pairs, _ = load_split(cfg.data, "rl")
+    if not rl_pairs:
         raise ConfigError(f"data.path {cfg.data.path}: the rl partition has no prompts")
+    # The report's held-out prompts (pipeline.eval_prompts) are carved out: PPO never trains on them.
+    pairs, _ = rl_prompt_pools(rl_pairs, cfg.pipeline.eval_prompts)
+    prompts = encode_prompts(tokenizer, [p.prompt for p in pairs], cfg.model.max_prompt_len)
     ensure_ray()
     failures, started = 0, time.perf_counter()
     while True:

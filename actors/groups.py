@@ -65,8 +65,11 @@ class ActorGroups:
                         for i in range(ppo.reward.num_actors)]
         self.references = [Reference.options(**opts("reference", i)).remote(policy_dir, dtype, ppo.temperature)
                            for i in range(ppo.reference.num_actors)]
+        # ppo.critic_init: reward -> the run's discriminator or sequence RM (whichever reward_dir is), head
+        # weights included; policy -> the initial policy's backbone with a fresh head.
+        critic_dir = reward_dir if ppo.critic_init == "reward" else policy_dir
         self.learners = LearnerGroup(policy_dir, ppo, dtype, self.pgs["learner"], name=f"tlcr-ppo-learner-a{attempt}",
-                                     runtime_env=runtime_env)
+                                     runtime_env=runtime_env, critic_dir=critic_dir)
         get_all(self.learners.ready)
         self.sync_method = weight_sync_method(ppo.rollout_backend, ppo.learner.num_gpus > 0)
         self.weight_update_info = self.connect_nccl_sync(ppo) if self.sync_method == "nccl" else None

@@ -36,9 +36,10 @@ class LearnerWorker:
     def free_port(self) -> int:
         return free_port(ray.util.get_node_ip_address())
 
-    def start(self, policy_dir: str, ppo_cfg, rank: int, world_size: int, init_method: str, dtype: str) -> None:
+    def start(self, policy_dir: str, ppo_cfg, rank: int, world_size: int, init_method: str, dtype: str,
+              critic_dir: str | None = None) -> None:
         self.learner = PPOLearner(policy_dir, ppo_cfg, rank=rank, world_size=world_size,
-                                  init_method=init_method, dtype=dtype)
+                                  init_method=init_method, dtype=dtype, critic_dir=critic_dir)
 
     def evaluate(self, batch: RolloutBatch, pad_id: int) -> dict:
         return self.learner.evaluate(batch, pad_id)
@@ -76,7 +77,9 @@ class LearnerGroup:
     """Creates the ranks on a placement group (one bundle each) and fans calls out to all of them."""
 
     def __init__(self, policy_dir: str, ppo_cfg, dtype: str, placement_group, name: str = "tlcr-ppo-learner",
-                 runtime_env: dict | None = None):
+                 runtime_env: dict | None = None, critic_dir: str | None = None):
+        """`critic_dir`: where the critic starts (a head-model folder: its backbone and head; None: the
+        policy with a fresh head)."""
         n = ppo_cfg.learner.num_actors
         self.workers = [
             LearnerWorker.options(
@@ -92,7 +95,7 @@ class LearnerGroup:
         # A fresh name that no file has yet: the file:// rendezvous creates it (rank 0's node /tmp).
         rdzv_file = os.path.join(tempfile.gettempdir(), f"tlcr-learner-rdzv-{uuid.uuid4().hex}")
         self.init_method = rendezvous_init_method(self.node_ips, on_gpu, rdzv_file, port)
-        self.ready = [w.start.remote(policy_dir, ppo_cfg, rank, n, self.init_method, dtype)
+        self.ready = [w.start.remote(policy_dir, ppo_cfg, rank, n, self.init_method, dtype, critic_dir)
                       for rank, w in enumerate(self.workers)]
 
     def evaluate(self, batch_ref, pad_id: int) -> list:

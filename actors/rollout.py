@@ -18,10 +18,10 @@ class Rollout(ActorBase):
         self.engine = make_engine(backend, model_dir, device=device, **engine_kwargs)
 
     def generate(self, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
-                 seed: int) -> tuple[RolloutBatch, float]:
+                 seed: int, stop: list[str] | None = None) -> tuple[RolloutBatch, float]:
         start = time.perf_counter()
         batch = self.engine.generate(prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                                     top_p=top_p, seed=seed)
+                                     top_p=top_p, seed=seed, stop=stop)
         return batch, time.perf_counter() - start
 
     def load_state_dict(self, state_dict) -> float:

@@ -37,7 +37,8 @@ from transformers.utils import logging as hf_logging
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import record  # noqa: E402
-from tlcr_ray import ppo, rewards  # noqa: E402
+from tlcr_ray.rl import ppo_math as ppo  # noqa: E402
+from tlcr_ray.rl import rewards  # noqa: E402
 from tlcr_ray.rl.batch import RolloutBatch, pack, policy_logprobs  # noqa: E402
 from tlcr_ray.rl.rollout.hf import HFRollout  # noqa: E402
 

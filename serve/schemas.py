@@ -31,6 +31,9 @@ def request_models(max_items: int, max_chars: int) -> tuple[type[BaseModel], typ
         items: list[Item] = Field(min_length=1, max_length=max_items)
         mode: Mode = Field("continuous", description="continuous: 2p-1; fixed: +1/-1/0 by thresholds; "
                                                      "no_negative / no_positive: the ablations.")
+        add_eos: bool = Field(True, description="Score each response as finished: it ends with the tokenizer's "
+                                                "EOS token (text \"\", span at the response's end), as a PPO "
+                                                "response that stopped does. false: score it as cut off.")
 
     class GetRewardRequest(Strict):
         """OpenRLHF's remote reward-model request: `query` is prompt + response, decoded with special tokens."""

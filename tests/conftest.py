@@ -57,6 +57,27 @@ def head_models(tmp_path_factory, tiny_model_dir, tokenizer):
     return {"disc": str(disc), "rm": str(rm)}
 
 
+@pytest.fixture(scope="session")
+def spread_disc_dir(tiny_model_dir, tokenizer, tmp_path_factory) -> str:
+    """A tiny discriminator with its head scaled up so p spreads over (0, 1) (the API and scoring tests)."""
+    import torch
+
+    from tlcr_ray.models import TokenDiscriminator, save_head_model
+
+    model = TokenDiscriminator.from_pretrained(tiny_model_dir, seed=0)
+    torch.manual_seed(1)
+    torch.nn.init.normal_(model.head.weight, std=2.0)
+    return str(save_head_model(model, tmp_path_factory.mktemp("spread-disc") / "model", tokenizer=tokenizer))
+
+
+@pytest.fixture(scope="session")
+def spread_disc(spread_disc_dir):
+    """`spread_disc_dir` loaded, in eval mode (the library side the API is compared with)."""
+    from tlcr_ray.models import load_head_model
+
+    return load_head_model(spread_disc_dir).eval()
+
+
 def _tiny_ppo_config(out_dir, tiny_model_dir, head_models, mode, *extra):
     from tlcr_ray.config import load_config
 
@@ -100,6 +121,17 @@ def planted_rows():
     """`planted_rows(n, seed, neg=1000, pos=2000)` -> labelled sequences that follow a planted token rule
     (4 prompt tokens, 12 response tokens: `neg` labelled 0, `pos` labelled 1, the rest 0.5)."""
     return _planted_rows
+
+
+@pytest.fixture(scope="session")
+def learner_rdzv(tmp_path_factory):
+    """init_method of the ONE single-rank process group that every in-process `PPOLearner` of the session
+    joins (the first one creates it; DeepSpeed keeps the group, so it is destroyed only at the end)."""
+    import torch
+
+    yield f"file://{tmp_path_factory.mktemp('learner-rdzv') / 'file'}"
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 @pytest.fixture(scope="session")

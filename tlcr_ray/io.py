@@ -113,6 +113,7 @@ def cut_torn_tail(path: Path) -> None:
         data = fh.read()
         if data and not data.endswith(b"\n"):
             fh.truncate(data.rfind(b"\n") + 1)
+            os.fsync(fh.fileno())
 
 
 def read_keyed_jsonl(path: str | Path) -> dict[str, dict]:

@@ -59,6 +59,10 @@ def pipeline_stages(cfg: Config) -> list[Stage]:
 
 def run(cfg: Config, run_stage: RunStage, force: bool = False) -> dict:
     """Run every unfinished stage of `pipeline_stages(cfg)`; returns the timing summary (pipeline.json)."""
+    from tlcr_ray.data.pairs import load_split, rl_prompt_pools
+
+    # Before any training: PPO and the report must both find prompts in the RL partition.
+    rl_prompt_pools(load_split(cfg.data, "rl")[0], cfg.pipeline.eval_prompts)
     layout = RunLayout(Path(cfg.output_dir))
     layout.root.mkdir(parents=True, exist_ok=True)
     write_text_atomic(layout.saved_config, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import socket
 
 import pytest
-import torch
 
 from tlcr_ray.config import PPOConfig
 from tlcr_ray.rl.rendezvous import free_port, needs_tcp_rendezvous, rendezvous_init_method
@@ -47,13 +46,11 @@ def test_weights_go_over_nccl_only_from_a_cuda_learner_into_vllm():
 
 
 @pytest.fixture(scope="module")
-def learner(tiny_model_dir, tmp_path_factory):
+def learner(tiny_model_dir, learner_rdzv):
     from tlcr_ray.rl.learner import PPOLearner
 
-    rdzv = tmp_path_factory.mktemp("rdzv") / "file"
     cfg = PPOConfig(mini_batch_size=2, zero_stage=2)
-    yield PPOLearner(tiny_model_dir, cfg, rank=0, world_size=1, init_method=f"file://{rdzv}")
-    torch.distributed.destroy_process_group()
+    return PPOLearner(tiny_model_dir, cfg, rank=0, world_size=1, init_method=learner_rdzv)
 
 
 def test_nccl_payload_describes_what_the_cpu_path_loads(learner):

@@ -23,7 +23,7 @@ def test_three_step_run(mode, tmp_path, ray_local, tiny_model_dir, head_models, 
     for row in rows:
         for key in ("reward_token_mean", "reward_seq_sum", "kl", "response_len", "perplexity", "entropy",
                     "policy_loss", "value_loss", "clip_frac", "time_generate", "time_score", "time_reference",
-                    "time_train", "time_sync", "tokens_per_s"):
+                    "time_train", "time_sync", "tokens_per_s", "stop_frac", "truncated_frac"):
             assert key in row and row[key] == row[key], key  # present and not NaN
         assert 1 <= row["response_len"] <= 12
     # The sync check runs on the first sync, then every 2nd step; the rollout engine's weights are the learner's.

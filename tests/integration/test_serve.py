@@ -4,16 +4,14 @@ One Serve application for the whole module; every answer is compared with the li
 """
 from __future__ import annotations
 
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-import torch
 
 from tlcr_ray.config import load_config
-from tlcr_ray.models import TokenDiscriminator, load_head_model, save_head_model
+from tlcr_ray.rl.rendezvous import free_port
 from tlcr_ray.rl.text_scoring import score_items
 
 pytestmark = pytest.mark.ray
@@ -26,35 +24,15 @@ PAIRS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def disc_dir(tiny_model_dir, tokenizer, tmp_path_factory) -> str:
-    """A tiny discriminator with its head scaled up so p spreads over (0, 1)."""
-    model = TokenDiscriminator.from_pretrained(tiny_model_dir, seed=0)
-    torch.manual_seed(1)
-    torch.nn.init.normal_(model.head.weight, std=2.0)
-    return str(save_head_model(model, tmp_path_factory.mktemp("disc") / "model", tokenizer=tokenizer))
-
-
-@pytest.fixture(scope="module")
-def library(disc_dir):
-    return load_head_model(disc_dir).eval()
-
-
-@pytest.fixture(scope="module")
-def url(ray_local, disc_dir):
+def url(ray_local, spread_disc_dir):
     from ray import serve
 
     from serve.app import build_application
 
-    port = free_port()
+    port = free_port("127.0.0.1")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_application(load_config(None), disc_dir), name="tlcr-test", route_prefix="/")
+    serve.run(build_application(load_config(None), spread_disc_dir), name="tlcr-test", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -66,12 +44,12 @@ def post(url: str, path: str, body, **kwargs) -> requests.Response:
 
 
 @pytest.mark.parametrize("mode", ["continuous", "fixed", "no_negative", "no_positive"])
-def test_token_rewards_equal_the_library(url, library, tokenizer, mode):
+def test_token_rewards_equal_the_library(url, spread_disc, tokenizer, mode):
     reply = post(url, "/v1/token-rewards", {"items": [{"prompt": p, "response": r} for p, r in PAIRS], "mode": mode})
     assert reply.status_code == 200, reply.text
     body = reply.json()
     assert body["mode"] == mode and len(body["items"]) == len(PAIRS)
-    for got, want in zip(body["items"], score_items(library, tokenizer, PAIRS, mode=mode)):
+    for got, want in zip(body["items"], score_items(spread_disc, tokenizer, PAIRS, mode=mode)):
         assert [t["id"] for t in got["tokens"]] == [t.id for t in want.tokens]
         assert [(t["text"], t["start"], t["end"]) for t in got["tokens"]] == [(t.text, t.start, t.end) for t in want.tokens]
         for g, w in zip(got["tokens"], want.tokens):
@@ -79,33 +57,52 @@ def test_token_rewards_equal_the_library(url, library, tokenizer, mode):
         assert got["sum"] == pytest.approx(want.sum, abs=1e-5) and got["mean"] == pytest.approx(want.mean, abs=1e-5)
 
 
-def test_get_reward_speaks_openrlhf(url, library, tokenizer):
+def test_get_reward_speaks_openrlhf(url, spread_disc, tokenizer):
     """Queries as OpenRLHF decodes them: prompt + response, special tokens and padding kept."""
     pad = tokenizer.pad_token
     queries = [pad * 2 + p + r + pad for p, r in PAIRS]
     reply = post(url, "/get_reward", {"query": queries, "prompts": [p for p, _ in PAIRS], "labels": ["x", None, 3, {}]})
     assert reply.status_code == 200, reply.text
     body = reply.json()
-    want = score_items(library, tokenizer, PAIRS)
+    want = score_items(spread_disc, tokenizer, PAIRS)
     assert body["rewards"] == pytest.approx([w.sum for w in want], abs=1e-5)
     assert body["scores"] == body["rewards"]
     assert body["extra_logs"]["token_reward_mean"] == pytest.approx([w.mean for w in want], abs=1e-5)
     assert body["extra_logs"]["num_tokens"] == [len(w.tokens) for w in want]
 
 
-def test_get_reward_empty_response_scores_zero_and_labels_are_optional(url):
-    reply = post(url, "/get_reward", {"query": ["\n\nHuman: hi\n\nAssistant:"], "prompts": ["\n\nHuman: hi\n\nAssistant:"]})
+def test_get_reward_empty_response_is_the_stop_action_and_labels_are_optional(url, spread_disc, tokenizer):
+    """An empty response is a PPO response that stopped at once: the EOS alone, scored."""
+    prompt = "\n\nHuman: hi\n\nAssistant:"
+    reply = post(url, "/get_reward", {"query": [prompt], "prompts": [prompt]})
     assert reply.status_code == 200, reply.text
-    assert reply.json()["rewards"] == [0.0] and reply.json()["extra_logs"]["num_tokens"] == [0.0]
+    (want,) = score_items(spread_disc, tokenizer, [(prompt, "")])
+    assert [t.id for t in want.tokens] == [tokenizer.eos_token_id]
+    assert reply.json()["rewards"] == pytest.approx([want.sum], abs=1e-5)
+    assert reply.json()["extra_logs"]["num_tokens"] == [1.0]
 
 
-def test_a_response_the_tokenizer_drops_scores_zero(url):
+def test_a_response_the_tokenizer_drops_is_the_eos_alone(url):
     reply = post(url, "/v1/token-rewards", {"items": [{"prompt": "", "response": "\x1d"}]})
+    assert reply.status_code == 200, reply.text
+    (item,) = reply.json()["items"]
+    assert [(t["text"], t["start"], t["end"]) for t in item["tokens"]] == [("", 1, 1)]
+    reply = post(url, "/v1/token-rewards", {"items": [{"prompt": "", "response": "\x1d"}], "add_eos": False})
     assert reply.status_code == 200, reply.text
     assert reply.json()["items"] == [{"tokens": [], "sum": 0.0, "mean": 0.0}]
 
 
-def test_health_model_info_and_docs(url, disc_dir):
+def test_add_eos_false_scores_the_response_as_cut_off(url, spread_disc, tokenizer):
+    reply = post(url, "/v1/token-rewards", {"items": [{"prompt": p, "response": r} for p, r in PAIRS],
+                                            "add_eos": False})
+    assert reply.status_code == 200, reply.text
+    for got, want in zip(reply.json()["items"], score_items(spread_disc, tokenizer, PAIRS, add_eos=False)):
+        assert [t["id"] for t in got["tokens"]] == [t.id for t in want.tokens]
+        assert tokenizer.eos_token_id not in [t.id for t in want.tokens]
+        assert got["sum"] == pytest.approx(want.sum, abs=1e-5)
+
+
+def test_health_model_info_and_docs(url, spread_disc_dir):
     assert requests.get(url + "/healthz", timeout=30).json() == {"status": "ok"}
     info = requests.get(url + "/v1/model", timeout=30).json()
     assert info["checkpoint"].endswith("model") and info["auth"] is False
@@ -132,7 +129,7 @@ BAD_INPUTS = [
     ("empty response", {"items": [{"prompt": "p", "response": ""}]}, 422, "items.0.response: String should have at least 1"),
     ("too many items", {"items": [ITEM] * 65}, 422, "body.items: List should have at most 64 items after validation, not 65 (serve.max_items)"),
     ("huge string", {"items": [{"prompt": "p", "response": "x" * 20001}]}, 422, "items.0.response: String should have at most 20000 characters (serve.max_chars)"),
-    ("too many tokens", {"items": [ITEM, {"prompt": "", "response": " a" * 1100}]}, 413, "items[1] has 1100 tokens; the limit is serve.max_tokens=1024"),
+    ("too many tokens", {"items": [ITEM, {"prompt": "", "response": " a" * 1100}]}, 413, "items[1] has 1101 tokens; the limit is serve.max_tokens=1024"),  # 1100 + EOS
     ("huge body", b"x" * (8 * 1024 * 1024 + 1), 413, "serve.max_body_bytes"),
 ]
 
@@ -158,9 +155,9 @@ def test_get_reward_bad_input(url, body, message):
     assert message in reply.json()["detail"]
 
 
-def test_64_concurrent_clients_get_their_own_answers(url, library, tokenizer):
+def test_64_concurrent_clients_get_their_own_answers(url, spread_disc, tokenizer):
     pairs = [(f"\n\nHuman: question {i}?\n\nAssistant:", f" Answer number {i}" + " ok" * (i % 7)) for i in range(64)]
-    want = score_items(library, tokenizer, pairs)
+    want = score_items(spread_disc, tokenizer, pairs)
 
     def one(i: int):
         return post(url, "/v1/token-rewards", {"items": [{"prompt": pairs[i][0], "response": pairs[i][1]}]})
@@ -191,7 +188,7 @@ def test_metrics_reach_the_prometheus_endpoint(url, ray_local):
     assert 'path="/v1/token-rewards"' in text and 'status="200"' in text
 
 
-def test_deploy_serve_yaml_is_a_valid_serve_config_that_builds(disc_dir, monkeypatch):
+def test_deploy_serve_yaml_is_a_valid_serve_config_that_builds(spread_disc_dir, monkeypatch):
     """`serve run deploy/serve.yaml` reads this: Serve's own schema, then our builder with its args."""
     import importlib
     from pathlib import Path
@@ -207,7 +204,7 @@ def test_deploy_serve_yaml_is_a_valid_serve_config_that_builds(disc_dir, monkeyp
     assert scorer.max_ongoing_requests >= load_config(None).serve.max_batch_size
     assert scorer.autoscaling_config["min_replicas"] <= scorer.autoscaling_config["max_replicas"]
     module, attribute = app.import_path.split(":")
-    monkeypatch.setenv("TLCR_CHECKPOINT", disc_dir)
+    monkeypatch.setenv("TLCR_CHECKPOINT", spread_disc_dir)
     built = getattr(importlib.import_module(module), attribute)(app.args)
     assert {d.name for d in app.deployments} == {"Scorer", "TokenRewardAPI"} and built is not None
     monkeypatch.delenv("TLCR_CHECKPOINT")

@@ -176,3 +176,38 @@ def test_weight_sync_changes_sampling_and_scoring_to_the_new_weights(engine, mod
     assert restored.response_ids == before.response_ids
     assert max_abs_diff(restored.logprobs, before.logprobs) < TOL
     assert glob.glob("/dev/shm/tlcr-vllm-weights-*") == []
+
+
+@pytest.fixture(scope="module")
+def scripted_engine(engine, tmp_path_factory, tokenizer_dir, tokenizer):
+    """A second engine on a scripted model (tlcr_ray.testing.tiny_model.build_scripted_llama) that
+    answers prompt A with " Sure.\\n\\nHuman: again again ..." and prompt B with " x y x y ..."."""
+    from tlcr_ray.rl.rollout.vllm_engine import VLLMRollout
+    from tlcr_ray.testing.tiny_model import build_scripted_llama
+
+    def ids(text):
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    run_on = ids(" Sure.\n\n") + ids("Human: again")
+    (x,), (y,), (a,), (b,) = ids(" x"), ids(" y"), ids(" A"), ids(" B")
+    script = {a: run_on[0], **dict(zip(run_on, run_on[1:])), run_on[-1]: run_on[-1], b: x, x: y, y: x}
+    path = build_scripted_llama(tmp_path_factory.mktemp("scripted-h128"), tokenizer_dir, script, hidden=128)
+    prompts = [ids("\n\nHuman: hi\n\nAssistant:") + [p] for p in (a, b)]
+    return VLLMRollout(str(path), seed=0, max_model_len=512, kv_cache_gib=0.25), prompts
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_generate_ends_a_response_at_the_stop_string(scripted_engine, tokenizer, temperature):
+    engine, prompts = scripted_engine
+    eos = tokenizer.eos_token_id
+    plain = engine.generate(prompts, max_new_tokens=MAX_NEW, temperature=temperature, top_p=1.0, seed=0)
+    assert tokenizer.decode(plain.response_ids[0]).startswith(" Sure.\n\nHuman: again again")
+    assert plain.finish_reasons == ["length", "length"]
+    batch = engine.generate(prompts, max_new_tokens=MAX_NEW, temperature=temperature, top_p=1.0, seed=0,
+                            stop=["\n\nHuman:"])
+    assert batch.response_ids[0] == tokenizer.encode(" Sure.", add_special_tokens=False) + [eos]
+    assert batch.response_ids[1] == plain.response_ids[1]
+    assert batch.finish_reasons == ["stop", "length"]
+    assert max_abs_diff(batch.logprobs, engine.score(prompts, batch.response_ids)) < TOL  # the EOS's too
+    assert batch.logprobs[0][-1] < -20 and all(math.isfinite(v) for v in batch.logprobs[0])

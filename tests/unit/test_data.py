@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 
 from tlcr_ray.config import DataConfig
-from tlcr_ray.data.pairs import DataError, load_pairs, load_split, pair_id, partition, split_dialogue
+from tlcr_ray.data.pairs import (
+    DataError,
+    PreferencePair,
+    load_pairs,
+    load_split,
+    pair_id,
+    partition,
+    rl_prompt_pools,
+    split_dialogue,
+)
 
 SHIPPED = Path(__file__).resolve().parents[2] / "data/hh-rlhf/harmless-base/test.jsonl.gz"
 H, A = "\n\nHuman:", "\n\nAssistant:"
@@ -144,3 +153,32 @@ def test_load_split_applies_split_and_max_pairs():
     assert pairs == full[:7] and stats["split"] == "rl" and stats["selected"] == 7
     with pytest.raises(DataError, match="data.split"):
         load_split(cfg, "train")
+
+
+def test_rl_prompt_pools_hold_out_the_eval_prompts_from_ppo():
+    """PPO's pool and the report's held-out prompts are disjoint, and the same on every call; the
+    controller and the Fig. 6 table both take them from rl_prompt_pools."""
+    from tlcr_ray.config import ConfigError, load_config
+    from tlcr_ray.eval.policy_table import heldout_prompts
+
+    cfg = load_config("configs/tiny.yaml", ["pipeline.eval_prompts=5"])
+    pairs, _ = load_split(cfg.data, "rl")  # data.max_pairs already applied
+    train, held_out = rl_prompt_pools(pairs, 5)
+    assert len(held_out) == 5 and len(train) == len(pairs) - 5
+    assert {p.prompt for p in train}.isdisjoint({p.prompt for p in held_out})
+    assert rl_prompt_pools(list(pairs), 5) == (train, held_out)
+    assert held_out == pairs[-5:]  # the tail of the partition's hashed order, as the report always took
+    from tlcr_ray.data.tokens import encode_prompts
+    from tlcr_ray.models import load_tokenizer, resolve_model
+
+    tokenizer = load_tokenizer(resolve_model(cfg.model.base))
+    assert heldout_prompts(cfg, 5) == encode_prompts(tokenizer, [p.prompt for p in held_out], cfg.model.max_prompt_len)
+    # A prompt repeated in another pair is held out with it.
+    dup = [PreferencePair(f"{i}", f"q{i % 4}", "c", "r", "t") for i in range(8)]
+    train, held_out = rl_prompt_pools(dup, 1)
+    assert [p.pair_id for p in held_out] == ["7"] and all(p.prompt != "q3" for p in train)
+    assert rl_prompt_pools(dup, 0) == (dup, [])
+    with pytest.raises(ConfigError, match=r"pipeline.eval_prompts=32: the RL partition has only 32 pairs"):
+        rl_prompt_pools(pairs, 32)
+    with pytest.raises(ConfigError, match="pipeline.eval_prompts"):
+        rl_prompt_pools(pairs, -1)

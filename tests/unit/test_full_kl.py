@@ -27,18 +27,20 @@ class BigramLM(torch.nn.Module):
         with torch.no_grad():
             self.table[PREV, BAD] += boost
 
-    def forward(self, input_ids, attention_mask, logits_to_keep=None):
+    def forward(self, input_ids, attention_mask, position_ids=None, logits_to_keep=None):
         ids = input_ids if logits_to_keep is None else input_ids[:, logits_to_keep]
         return SimpleNamespace(logits=self.table[ids])
 
 
 def test_response_logits_of_reads_the_same_columns_as_a_full_forward(tiny_model_dir):
-    from tlcr_ray.models import load_policy
+    from tlcr_ray.models import load_policy, position_ids
 
     model = load_policy(tiny_model_dir).eval()
     packed = pack([[5, 6, 7], [8, 9, 10, 11, 12]], [[20, 21, 22, 23], [30]], pad_id=0)
-    with torch.no_grad():
-        full = response_logits(model(input_ids=packed.input_ids, attention_mask=packed.attention_mask).logits, packed)
+    mask = packed.attention_mask
+    with torch.no_grad():  # the same position ids (from the mask) as response_logits_of passes
+        full = response_logits(model(input_ids=packed.input_ids, attention_mask=mask,
+                                     position_ids=position_ids(mask)).logits, packed)
         kept = response_logits_of(model, packed, CPU)
     assert kept.shape == (2, 4, model.config.vocab_size)
     assert torch.allclose(kept, full, atol=1e-5)

@@ -20,7 +20,7 @@ from tlcr_ray.config import load_config
 from tlcr_ray.data.pairs import load_split
 from tlcr_ray.labeling.labels import read_labels
 from tlcr_ray.labeling.revise import INSTRUCTION_VERSION, build_messages, cache_key
-from tlcr_ray.testing.openai_server import messages_digest
+from tlcr_ray.testing.openai_server import OpenAITestServer, edit_handler, messages_digest
 
 REPO = Path(__file__).resolve().parents[2]
 N_PAIRS = 24
@@ -72,6 +72,33 @@ def test_label_with_the_chosen_reviser(tmp_path, tokenizer_dir, capsys):
     assert len(read_jsonl(out / "revisions.jsonl")) == N_PAIRS
 
 
+def test_raising_max_edit_ratio_relabels_cached_replies_without_new_requests(tmp_path, tokenizer_dir, capsys):
+    """The cache keeps each reply, not the decision: a rerun under a looser reviser.max_edit_ratio accepts
+    revisions the first run rejected, and asks the server nothing."""
+    with OpenAITestServer(edit_handler()) as srv:  # appends one sentence: the edit ratio depends on the length
+        config = write_config(tmp_path, tokenizer_dir, kind="openai", base_url=srv.base_url, model="test-model",
+                              max_edit_ratio=0.15)
+        assert tlcr_main(["label", "--config", str(config)]) == 0
+        strict = json.loads(capsys.readouterr().out)
+        asked = srv.request_count
+        assert asked == N_PAIRS and strict["requested"] == N_PAIRS
+        assert strict["quarantined"].get("edit_ratio", 0) > 0 and strict["revised"] > 0
+
+        assert tlcr_main(["label", "--config", str(config), "--set", "reviser.max_edit_ratio=0.95"]) == 0
+        loose = json.loads(capsys.readouterr().out)
+        assert srv.request_count == asked  # zero new requests
+        assert loose["requested"] == 0 and loose["from_cache"] == N_PAIRS
+        assert loose["revised"] == N_PAIRS > strict["revised"]
+        assert loose["label_rows"] == 2 * N_PAIRS > strict["label_rows"]
+        assert len(read_labels(tmp_path / "run" / "label" / "labels.jsonl")) == 2 * N_PAIRS
+
+        # Back to the strict ratio: the same decisions as the first run, still from the cache.
+        assert tlcr_main(["label", "--config", str(config)]) == 0
+        again = json.loads(capsys.readouterr().out)
+        assert srv.request_count == asked and again["revised"] == strict["revised"]
+        assert again["quarantined"] == strict["quarantined"]
+
+
 @pytest.fixture
 def slow_server():
     """The scripted reviser (`edit` mode) as its own process, 0.4 s per reply."""
@@ -117,7 +144,8 @@ def test_label_survives_sigkill_and_resumes_without_rerequesting(tmp_path, token
     summary = json.loads(second.stdout)
 
     pairs, _ = load_split(load_config(config).data)
-    digest_of = {cache_key(p.prompt, p.chosen, p.rejected, "test-model", INSTRUCTION_VERSION):
+    digest_of = {cache_key(p.prompt, p.chosen, p.rejected, model="test-model", version=INSTRUCTION_VERSION,
+                           temperature=0.0, max_tokens=1024):
                  messages_digest(build_messages(p.prompt, p.chosen, p.rejected)) for p in pairs}
     rerun_requests = server_digests(slow_server)[requests_before:]
     # Finished rows were not asked again; every other row was asked exactly once.

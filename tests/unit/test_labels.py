@@ -89,12 +89,32 @@ def test_label_pair_on_real_pairs(tokenizer):
                 assert len(row.input_ids) == len(row.labels)
                 start = row.labels.count(-100.0)
                 assert row.labels[:start] == [-100.0] * start and -100.0 not in row.labels[start:]
-                assert tokenizer.decode(row.input_ids) == pair.prompt + response
+                # Both sequences end with EOS, labelled neutral (the stop action PPO rewards).
+                assert row.input_ids[-1] == tokenizer.eos_token_id and row.labels[-1] == 0.5
+                assert tokenizer.decode(row.input_ids[:-1]) == pair.prompt + response
             rej_ids = rejected_row.input_ids[rejected_row.labels.count(-100.0):]
             rev_ids = revised_row.input_ids[revised_row.labels.count(-100.0):]
             check_property(rej_ids, rev_ids)
             if revised is pair.rejected:
                 assert set(rejected_row.labels + revised_row.labels) == {-100.0, 0.5}
+
+
+def test_eos_ends_both_sequences_and_is_neutral(tokenizer):
+    eos = tokenizer.eos_token_id
+    prompt = "\n\nHuman: hi\n\nAssistant:"
+    rejected_row, revised_row = label_pair(tokenizer, "p", prompt, " Go away.", " Hello there.")
+    for row in (rejected_row, revised_row):
+        assert row.input_ids[-1] == eos and row.labels[-1] == 0.5 and eos not in row.input_ids[:-1]
+    assert 0.0 in rejected_row.labels and 1.0 in revised_row.labels  # the edits are still labelled
+    # A response cut at max_response_len did not end: no EOS on that side, the other keeps its own,
+    # and the cut side's labels are those of the same edit script without any EOS.
+    long, short = " Once upon a time there was a dragon.", " Once upon a time."
+    cut_row, whole_row = label_pair(tokenizer, "p", prompt, long, short, max_response_len=5)
+    n_prompt = cut_row.labels.count(-100.0)
+    assert len(cut_row.input_ids) == n_prompt + 5 and eos not in cut_row.input_ids
+    assert whole_row.input_ids[-1] == eos and whole_row.labels[-1] == 0.5
+    assert (cut_row.labels[n_prompt:], whole_row.labels[n_prompt:-1]) == edit_labels(
+        cut_row.input_ids[n_prompt:], whole_row.input_ids[n_prompt:-1])
 
 
 def test_label_pair_truncates(tokenizer):

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tlcr_ray.rl.loop_state import (initial_state, response_mask, sample_prompts, saved_state, step_metrics,
-                                    sync_check)
+from tlcr_ray.rl.loop_state import initial_state, response_mask, sample_prompts, saved_state, step_metrics, sync_check
 from tlcr_ray.rl.ppo_math import advantages_from_rollout
 
 
@@ -49,6 +48,7 @@ def test_step_metrics_are_means_over_valid_tokens():
     assert row["reward_token_mean"] == pytest.approx(1.0 / 3)
     assert row["kl_k1"] == pytest.approx(0.5 / 3) and row["response_len"] == 1.5
     assert row["perplexity"] == pytest.approx(float(np.exp(4.0 / 3))) and row["stop_frac"] == 0.5
+    assert row["truncated_frac"] == 0.5
     assert row["policy_loss"] == 2.0 and "seconds" not in row
 
 

@@ -86,7 +86,7 @@ class BigramLM(torch.nn.Module):
         with torch.no_grad():
             self.table[PREV, BAD] = boost
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids, attention_mask, position_ids=None):  # positions: a bigram ignores them
         return SimpleNamespace(logits=self.table[input_ids])
 
 

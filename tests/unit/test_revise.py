@@ -142,6 +142,42 @@ def test_every_row_ends_labeled_or_quarantined_with_its_reason(tmp_path, tokeniz
     assert "sk-test-secret-123" not in cache_path.read_text()
 
 
+def test_the_cache_keeps_replies_and_decisions_follow_the_current_settings(tmp_path, tokenize):
+    """Rejected for its edit ratio under 0.2, accepted from the same cached reply under 1.0 (no request);
+    a row of the old format (a decision, no reply) is requested again; the sampling settings are in the key."""
+    pairs = [make_pair("good"), make_pair("rewrite"), make_pair("no_tags")]
+    cache_path = tmp_path / "revisions.jsonl"
+    with OpenAITestServer(ScriptedReviser()) as srv:
+        strict = ReviserConfig(kind="openai", base_url=srv.base_url, model="m", max_edit_ratio=0.2)
+        results, stats = revise_all(pairs, make_reviser(strict, tokenize), cache_path, progress=False)
+        assert [r.reason for r in results] == ["edit_ratio", "edit_ratio", "no_tags"] and stats["requested"] == 3
+        rows = [json.loads(line) for line in cache_path.read_text().splitlines()]
+        assert [row["reply"]["content"] for row in rows if row["pair_id"] == "rewrite"][0].startswith(OPEN_TAG)
+
+        loose = ReviserConfig(kind="openai", base_url=srv.base_url, model="m", max_edit_ratio=1.0)
+        results, stats = revise_all(pairs, make_reviser(loose, tokenize), cache_path, progress=False)
+        assert [r.reason for r in results] == [None, None, "no_tags"] and results[0].revision == " " + GOOD
+        assert stats == {"cached": 3, "requested": 0, "usage": {"prompt_tokens": 0, "completion_tokens": 0,
+                                                                "total_tokens": 0}}
+        assert srv.request_count == 3
+
+        # An old-format row (the decision alone) for "good": that pair is asked again, the others are not.
+        reviser = make_reviser(loose, tokenize)
+        with cache_path.open("a") as fh:
+            fh.write(json.dumps({"key": reviser.key(pairs[0]), "pair_id": "good", "revision": "stale",
+                                 "reason": None, "detail": "", "usage": {}}) + "\n")
+        results, stats = revise_all(pairs, reviser, cache_path, progress=False)
+        assert stats["requested"] == 1 and srv.request_count == 4 and results[0].revision == " " + GOOD
+
+        # Another temperature or max_tokens is another reply: a new key, a new request.
+        for change in ({"temperature": 0.7}, {"max_tokens": 512}):
+            other = ReviserConfig(**{**loose.__dict__, **change})
+            assert make_reviser(other, tokenize).key(pairs[0]) != reviser.key(pairs[0])
+        hot = ReviserConfig(**{**loose.__dict__, "temperature": 0.7})
+        _, stats = revise_all(pairs[:1], make_reviser(hot, tokenize), cache_path, progress=False)
+        assert stats["requested"] == 1 and srv.request_count == 5
+
+
 def test_concurrency_is_bounded_and_used(tmp_path, tokenize):
     in_flight, peak, lock = 0, 0, threading.Lock()
     inner = edit_handler()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tlcr_ray.rl.batch import pack
-from tlcr_ray.rl.rewards import discriminator_probs, sequence_rewards, token_rewards
+from tlcr_ray.rl.rewards import apply_missing_eos_penalty, discriminator_probs, sequence_rewards, token_rewards
 
 P = torch.tensor([[0.0, 0.3, 0.4, 0.5, 0.6, 0.9, 1.0]])
 
@@ -63,3 +63,14 @@ def test_p_is_read_at_the_tokens_own_column_with_left_padded_prompts():
     assert (r[0] < 0).nonzero().flatten().tolist() == [1]
     assert (r[1] < 0).nonzero().flatten().tolist() == [0]
     assert r[1, 2:].abs().sum() == 0  # padding carries no reward
+
+
+def test_missing_eos_penalty_hits_the_last_token_of_truncated_rows_only():
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    rewards = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 0.0], [0.6, 0.7, 0.8], [0.0, 0.0, 0.0]])
+    out = apply_missing_eos_penalty(rewards, mask, ["length", "length", "stop", "length"], penalty=1.0)
+    want = torch.tensor([[0.1, 0.2, -0.7], [0.4, -0.5, 0.0], [0.6, 0.7, 0.8], [0.0, 0.0, 0.0]])
+    assert torch.allclose(out, want) and torch.equal(rewards[0], torch.tensor([0.1, 0.2, 0.3]))  # not in place
+    assert torch.equal(apply_missing_eos_penalty(rewards, mask, ["stop"] * 4, 1.0), rewards)
+    with pytest.raises(ValueError, match="3 finish reasons for 4"):
+        apply_missing_eos_penalty(rewards, mask, ["stop"] * 3, 1.0)

@@ -65,7 +65,12 @@ def test_tokens_carry_ids_and_character_spans_of_the_response(disc, tokenizer):
         assert all(a.end <= b.end and a.start <= b.start for a, b in zip(item.tokens, item.tokens[1:]))
         if response.isascii():
             assert "".join(t.text for t in item.tokens) == response
-        assert tokenizer.decode([t.id for t in item.tokens]) == response
+        # A finished response ends with the EOS token: no characters, at the end of the response.
+        eos = item.tokens[-1]
+        assert (eos.id, eos.text, eos.start, eos.end) == (tokenizer.eos_token_id, "", len(response), len(response))
+        assert tokenizer.decode([t.id for t in item.tokens[:-1]]) == response
+        unfinished = score_items(disc, tokenizer, [(prompt, response)], add_eos=False)[0]
+        assert [t.id for t in unfinished.tokens] == [t.id for t in item.tokens[:-1]]
 
 
 @pytest.mark.parametrize("mode", ["fixed", "no_negative", "no_positive"])
@@ -84,12 +89,39 @@ def test_modes_follow_the_design(disc, tokenizer, mode):
 
 
 def test_unknown_mode_and_empty_response(disc, tokenizer):
-    enc = encode_items(tokenizer, [("\n\nHuman: hi\n\nAssistant:", "")])[0]
+    enc = encode_items(tokenizer, [("\n\nHuman: hi\n\nAssistant:", "")], add_eos=False)[0]
     probs = response_probabilities(disc, [enc], tokenizer.pad_token_id)
     assert probs == [[]]
     empty = item_score("", enc, probs[0])
     assert (empty.tokens, empty.sum, empty.mean) == ([], 0.0, 0.0)
-    dropped = encode_items(tokenizer, [("", "\x1d")])[0]  # a control character the tokenizer drops
-    assert dropped.input_ids == [] and score_items(disc, tokenizer, [("", "\x1d")])[0].tokens == []
+    dropped = encode_items(tokenizer, [("", "\x1d")], add_eos=False)[0]  # a control character the tokenizer drops
+    assert dropped.input_ids == [] and score_items(disc, tokenizer, [("", "\x1d")], add_eos=False)[0].tokens == []
+    # Finished, an empty response is the stop action alone, as a PPO response that stops at once.
+    (stop_only,) = score_items(disc, tokenizer, [("\n\nHuman: hi\n\nAssistant:", "")])
+    assert [(t.id, t.text, t.start, t.end) for t in stop_only.tokens] == [(tokenizer.eos_token_id, "", 0, 0)]
     with pytest.raises(ValueError, match="unknown reward mode 'sequence'"):
         item_score("", enc, probs[0], mode="sequence")
+
+
+@pytest.mark.parametrize("mode", ["continuous", "fixed"])
+def test_ppo_rewards_equal_the_api_rewards_for_the_same_response(disc, tokenizer, mode):
+    """The reward actor's path (pack -> discriminator_probs -> token_rewards) on a PPO response that
+    stopped (EOS last) and the text API's path on its decoded text give the same ids and rewards;
+    likewise a response cut at max_response_len (no EOS) against add_eos=False."""
+    from tlcr_ray.data.tokens import encode_prompt_response, encode_prompts
+    from tlcr_ray.rl.batch import pack
+    from tlcr_ray.rl.rewards import discriminator_probs, token_rewards
+
+    eos = tokenizer.eos_token_id
+    for prompt, text in [pair for pair in PAIRS if pair[0]]:  # PPO prompts are never empty
+        prompt_ids = encode_prompts(tokenizer, [prompt], max_prompt_len=256)[0]
+        body = encode_prompt_response(tokenizer, prompt, text).response_ids
+        for response_ids, add_eos in ((body + [eos], True), (body, False)):
+            packed = pack([prompt_ids], [response_ids], tokenizer.pad_token_id)
+            p = discriminator_probs(disc, packed.input_ids, packed.attention_mask, packed.prompt_len,
+                                    packed.response_mask)
+            ppo = (token_rewards(p, mode) * packed.response_mask)[0]
+            decoded = tokenizer.decode(response_ids, skip_special_tokens=True)
+            (api,) = score_items(disc, tokenizer, [(prompt, decoded)], mode=mode, add_eos=add_eos)
+            assert [t.id for t in api.tokens] == response_ids
+            assert torch.allclose(torch.tensor([t.reward for t in api.tokens]), ppo, atol=1e-6)

@@ -68,6 +68,28 @@ def test_lr_schedule():
         stages.lr_factor(0, 10, 0, "linear")
 
 
+def test_cosine_schedule_values_and_the_ppo_optimizer_step_count():
+    import math
+
+    from tlcr_ray.config import PPOConfig
+    from tlcr_ray.rl.learner import minibatches_per_epoch, optimizer_steps_per_update
+
+    # Cosine without warm-up (the paper's PPO schedule): 1 at step 0, 0.5 half way, -> 0 at the end.
+    for step, expected in ((0, 1.0), (10, 0.5 * (1 + math.cos(math.pi * 0.25))), (20, 0.5), (39, 0.0015413),
+                           (40, 0.0)):
+        assert stages.lr_factor(step, 40, 0, "cosine") == pytest.approx(expected, abs=1e-6)
+    # Warm-up 4 over 24 decay steps: linear (k + 1) / 5, then the cosine restarts from 1.
+    assert [stages.lr_factor(k, 28, 4, "cosine") for k in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert stages.lr_factor(16, 28, 4, "cosine") == pytest.approx(0.5)
+    # PPOLearner.train's count: each rank ceil(batch / world) rows in micro-batches of mini // world rows.
+    assert minibatches_per_epoch(8, 8, 1) == 1 and minibatches_per_epoch(8, 4, 1) == 2
+    assert minibatches_per_epoch(8, 4, 2) == 2 and minibatches_per_epoch(5, 4, 2) == 2  # 3 rows -> 2 x 2
+    assert minibatches_per_epoch(4, 1, 2) == 2  # micro never below 1 row
+    cfg = PPOConfig(prompts_per_step=8, mini_batch_size=4, ppo_epochs=3)
+    assert optimizer_steps_per_update(cfg, world_size=1) == 6 and optimizer_steps_per_update(cfg, world_size=2) == 6
+    assert optimizer_steps_per_update(PPOConfig(prompts_per_step=6, mini_batch_size=4, ppo_epochs=2), 4) == 4
+
+
 def test_micro_batches_shard_evenly_and_resume_in_place():
     examples = [{"i": i} for i in range(11)]
     ranks = [[b for _, b in zip(range(6), stages.micro_batches(examples, 2, r, 2, seed=3))] for r in range(2)]
@@ -109,6 +131,28 @@ def test_sft_examples_train_only_on_the_response(tokenizer):
     labelled = [t for t in example["labels"] if t != stages.IGNORE]
     assert tokenizer.decode(labelled) == " Hello there!" + tokenizer.eos_token
     assert example["input_ids"][-len(labelled):] == labelled
+
+
+def test_a_truncated_response_gets_no_eos(tokenizer):
+    """A response cut at model.max_response_len did not end: its SFT and RM sequences carry no EOS (an
+    EOS there would teach the policy to stop mid-sentence); one cut by max_len loses its EOS too."""
+    cfg = load_config("configs/tiny.yaml", ["model.max_response_len=4"])
+    eos = tokenizer.eos_token_id
+    prompt = "\n\nHuman: hi\n\nAssistant:"
+    long, short = " Hello there, how are you doing today?", " Hi."
+    n_long, n_short = (len(tokenizer.encode(text, add_special_tokens=False)) for text in (long, short))
+    assert n_long > 4 >= n_short
+    pair = PreferencePair("x", prompt, long, short, "t:1")
+    (sft,) = stages.sft_examples([pair], tokenizer, cfg.model, max_len=96)
+    labelled = [t for t in sft["labels"] if t != stages.IGNORE]
+    assert len(labelled) == 4 and eos not in sft["input_ids"]
+    (rm,) = stages.rm_examples([pair], tokenizer, cfg.model, max_len=96)
+    assert eos not in rm["chosen_ids"] and rm["rejected_ids"][-1] == eos  # the short one ended
+    # max_len drops the prompt first, then cuts the response of an example that ended: its EOS goes first.
+    short_ids = tokenizer.encode(short, add_special_tokens=False)
+    (cut,) = stages.rm_examples([PreferencePair("y", prompt, short, " No.", "t:2")], tokenizer, cfg.model,
+                                max_len=len(short_ids))
+    assert cut["chosen_ids"] == short_ids
 
 
 # ---------------------------------------------------------------- learning, in-process

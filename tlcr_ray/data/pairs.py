@@ -18,10 +18,10 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
+from tlcr_ray.choices import ON_BAD_ROW, PARTS, SPLITS  # noqa: F401  (one definition, checked by the config)
 from tlcr_ray.io import JsonlError, iter_jsonl
 
 ASSISTANT = "\n\nAssistant:"
-PARTS = ("sft", "reward", "rl")
 
 
 class DataError(ValueError):
@@ -131,8 +131,8 @@ def _raw_rows(path: str, hub_split: str) -> Iterator[tuple[int, dict | _BadRow]]
 
 def _read(path: str, on_bad_row: str, hub_split: str) -> tuple[list[PreferencePair], Counter, Counter]:
     """-> (pairs, skip reasons, notes: rows read, fallback splits, rejected not starting with the prompt)."""
-    if on_bad_row not in ("error", "skip"):
-        raise DataError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+    if on_bad_row not in ON_BAD_ROW:
+        raise DataError(f"on_bad_row must be one of {', '.join(ON_BAD_ROW)}, got {on_bad_row!r}")
     pairs, skipped, notes = [], Counter(), Counter()
     seen: set[str] = set()
     for line_no, row in _raw_rows(path, hub_split):
@@ -195,8 +195,8 @@ def load_split(data_cfg, split: str | None = None) -> tuple[list[PreferencePair]
     -> (pairs, stats): stats = path, split, rows read, kept, skipped by reason, fallback splits, selected.
     """
     split = split or data_cfg.split
-    if split not in PARTS + ("all",):
-        raise DataError(f"data.split must be one of sft, reward, rl, all; got {split!r}")
+    if split not in SPLITS:
+        raise DataError(f"data.split must be one of {', '.join(SPLITS)}; got {split!r}")
     pairs, skipped, notes = _read(data_cfg.path, data_cfg.on_bad_row, data_cfg.hub_split)
     chosen = pairs if split == "all" else partition(pairs, data_cfg.fractions, data_cfg.seed)[split]
     if data_cfg.max_pairs is not None:
@@ -205,3 +205,28 @@ def load_split(data_cfg, split: str | None = None) -> tuple[list[PreferencePair]
              "skipped": dict(skipped), "fallback_split": notes["fallback_split"],
              "rejected_not_prefixed": notes["rejected_not_prefixed"], "selected": len(chosen)}
     return chosen, stats
+
+
+def rl_prompt_pools(pairs: list[PreferencePair], n_eval: int) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """The RL partition (as `load_split(data, "rl")` gives it) -> (PPO's training pairs, held-out pairs).
+
+    The held-out pairs are the last `n_eval` (`pipeline.eval_prompts`) in the partition's hashed order;
+    PPO trains on the others, less any whose prompt text is a held-out prompt, so the report's prompts
+    are never training prompts (docs/algorithm.md §1). The PPO controller and the report both call
+    this, so they cannot disagree. Raises ConfigError when nothing would be left to train on.
+    """
+    from tlcr_ray.config import ConfigError
+
+    if n_eval < 0:
+        raise ConfigError(f"pipeline.eval_prompts: must be >= 0, got {n_eval}")
+    if n_eval >= len(pairs):
+        raise ConfigError(f"pipeline.eval_prompts={n_eval}: the RL partition has only {len(pairs)} pairs "
+                          "(after data.max_pairs), so no PPO prompt would be left; lower pipeline.eval_prompts "
+                          "or use more pairs")
+    held_out = pairs[len(pairs) - n_eval:]
+    eval_prompts = {p.prompt for p in held_out}
+    train = [p for p in pairs[:len(pairs) - n_eval] if p.prompt not in eval_prompts]
+    if not train:
+        raise ConfigError(f"pipeline.eval_prompts={n_eval}: every other pair of the RL partition repeats a "
+                          "held-out prompt; no PPO prompt would be left")
+    return train, held_out

@@ -50,14 +50,19 @@ def disc_token_metrics(model, examples: list[dict], pad_id: int, batch_size: int
 
 @torch.no_grad()
 def mean_token_rewards(model, tokenizer, prompts: list[str], responses: list[str], model_cfg, max_len: int,
-                       batch_size: int = 8) -> list[float]:
-    """Mean continuous token reward r_t = 2 p_t - 1 over each response's tokens (docs/algorithm.md §5) -> [N]."""
-    from tlcr_ray.data.tokens import encode_prompt_response
+                       batch_size: int = 8, add_eos: bool = True) -> list[float]:
+    """Mean continuous token reward r_t = 2 p_t - 1 over each response's tokens (docs/algorithm.md §5) -> [N].
+
+    With `add_eos` a response that was not truncated ends with the tokenizer's EOS, scored like the
+    EOS of a finished PPO response (and like the HTTP API scores it)."""
+    from tlcr_ray.data.tokens import append_eos, encode_prompt_response
 
     model.eval()
     items = []
     for prompt, response in zip(prompts, responses):
         enc = encode_prompt_response(tokenizer, prompt, response, model_cfg.max_prompt_len, model_cfg.max_response_len)
+        if add_eos:
+            enc = append_eos(enc, tokenizer.eos_token_id)
         marks = [0] * enc.response_start + [1] * (len(enc.input_ids) - enc.response_start)
         ids, marks = stages.truncate(enc.input_ids, marks, enc.response_start, max_len)
         items.append((ids, marks))

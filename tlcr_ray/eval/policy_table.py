@@ -5,14 +5,15 @@
 Each policy samples a response to the same held-out RL prompts (same seeds, the PPO sampling
 settings); the responses are scored by the sequence RM (clipped score), by the discriminator as a
 sum of discrete (`fixed`) token rewards, and as a sum of continuous (2p - 1) token rewards.
-Held-out prompts are the tail of the RL partition, which the demo's few PPO steps never reach.
+Held-out prompts are the tail of the RL partition, which PPO's prompt pool leaves out
+(`data.pairs.rl_prompt_pools`, shared with the controller). Sampling uses PPO's stop strings (`ppo.stop`).
 """
 from __future__ import annotations
 
 import torch
 
-from tlcr_ray.config import Config
-from tlcr_ray.data.pairs import load_split
+from tlcr_ray.config import Config, ConfigError
+from tlcr_ray.data.pairs import load_split, rl_prompt_pools
 from tlcr_ray.data.tokens import encode_prompt_response
 from tlcr_ray.io import write_json_atomic
 from tlcr_ray.layout import RunLayout
@@ -26,13 +27,17 @@ POLICIES = {"SFT": None, "PPO-seq": "sequence", "TLCR-fixed": "fixed", "TLCR": "
 
 
 def heldout_prompts(cfg: Config, n: int) -> list[list[int]]:
-    """Token ids of the last `n` prompts of the RL partition (left-truncated like PPO's)."""
+    """Token ids of the `n` held-out prompts of the RL partition, the ones PPO does not train on
+    (`rl_prompt_pools`), left-truncated like PPO's."""
     pairs, _ = load_split(cfg.data, "rl")
     if not pairs:
         raise ValueError(f"{cfg.data.path}: the RL partition is empty; no held-out prompts to evaluate")
+    if n < 1:
+        raise ConfigError(f"pipeline.eval_prompts={n}: the reward table needs at least one held-out prompt")
+    _, held_out = rl_prompt_pools(pairs, n)
     tokenizer = load_tokenizer(resolve_model(cfg.model.tokenizer or cfg.model.base))
     return [encode_prompt_response(tokenizer, p.prompt, "", max_prompt_len=cfg.model.max_prompt_len).prompt_ids
-            for p in pairs[-n:]]
+            for p in held_out]
 
 
 @torch.no_grad()
@@ -74,7 +79,8 @@ def reward_table(cfg: Config) -> dict:
         scored = []
         for seed in cfg.pipeline.eval_seeds:
             batch = engine.generate(prompts, max_new_tokens=cfg.model.max_response_len,
-                                    temperature=cfg.ppo.temperature, top_p=cfg.ppo.top_p, seed=seed)
+                                    temperature=cfg.ppo.temperature, top_p=cfg.ppo.top_p, seed=seed,
+                                    stop=cfg.ppo.stop)
             scored += score_samples(batch.prompt_ids, batch.response_ids, disc, rm, tokenizer.pad_token_id, cfg)
         del engine
         rows[name] = {key: _mean([s[key] for s in scored]) for key in ("rm_score", "discrete_sum", "continuous_sum")}

@@ -6,8 +6,9 @@
 
 `Levenshtein.editops(rejected_ids, revised_ids)` gives a minimal edit script: rejected tokens hit by a
 delete or replace get 0, revised tokens hit by an insert or replace get 1, every other response token
-0.5, prompt tokens IGNORE (-100, skipped by the loss). It is C code (the paper's Python DP labelled
-~8 pairs/s); bench/bench_labels.py measures it.
+0.5, prompt tokens IGNORE (-100, skipped by the loss). Both sequences end with the tokenizer's EOS
+(unless the response was truncated), labelled 0.5: the stop action PPO rewards has a target. It is
+C code (the paper's Python DP labelled ~8 pairs/s); bench/bench_labels.py measures it.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import Levenshtein
 
-from tlcr_ray.data.tokens import encode_prompt_response
+from tlcr_ray.data.tokens import append_eos, encode_prompt_response
 from tlcr_ray.io import iter_jsonl, write_jsonl_atomic
 
 NEGATIVE, NEUTRAL, POSITIVE, IGNORE = 0.0, 0.5, 1.0, -100.0
@@ -53,13 +54,22 @@ def edit_labels(rejected_ids: list[int], revised_ids: list[int]) -> tuple[list[f
 
 def label_pair(tokenizer, pair_id: str, prompt: str, rejected: str, revised: str,
                max_prompt_len: int | None = None, max_response_len: int | None = None) -> list[LabeledSequence]:
-    """The two training sequences of a pair: prompt+rejected and prompt+revised, jointly tokenized."""
-    enc_rej = encode_prompt_response(tokenizer, prompt, rejected, max_prompt_len, max_response_len)
-    enc_rev = encode_prompt_response(tokenizer, prompt, revised, max_prompt_len, max_response_len)
-    labels_rej, labels_rev = edit_labels(enc_rej.response_ids, enc_rev.response_ids)
+    """The two training sequences of a pair: prompt+rejected+EOS and prompt+revised+EOS, jointly tokenized.
+
+    Both end with the tokenizer's EOS (the stop action every finished PPO response ends with), which
+    the edit script aligns to itself: it is labelled neutral (0.5). A response cut at `max_response_len`
+    did not end, so it gets no EOS. The edit script runs on the responses without their EOS, so a pair
+    where only one side was cut labels the same tokens as one where neither was.
+    """
+    eos = tokenizer.eos_token_id
+    encoded = [append_eos(encode_prompt_response(tokenizer, prompt, text, max_prompt_len, max_response_len), eos)
+               for text in (rejected, revised)]
+    has_eos = [eos is not None and enc.response_ids[-1:] == [eos] for enc in encoded]
+    bodies = [enc.response_ids[:len(enc.response_ids) - ended] for enc, ended in zip(encoded, has_eos)]
+    labels = edit_labels(*bodies)
     return [
-        LabeledSequence(pair_id, kind, enc.input_ids, [IGNORE] * enc.response_start + labels)
-        for kind, enc, labels in (("rejected", enc_rej, labels_rej), ("revised", enc_rev, labels_rev))
+        LabeledSequence(pair_id, kind, enc.input_ids, [IGNORE] * enc.response_start + body + [NEUTRAL] * ended)
+        for kind, enc, body, ended in zip(KINDS, encoded, labels, has_eos)
     ]
 
 

@@ -4,10 +4,12 @@
     results, stats = revise_all(pairs, reviser, "runs/demo/label/revisions.jsonl")
 
 Two kinds: `chosen` (offline; the chosen response is the revision) and `openai` (any
-OpenAI-compatible chat API through the official SDK). Every finished result, accepted or
-rejected, is appended to a JSONL cache and fsynced, so a killed run loses no finished row and a
-rerun requests only what is missing. The SDK owns retries (exponential backoff with jitter,
-honouring Retry-After) and the per-request timeout; we do not stack a second retry loop on it.
+OpenAI-compatible chat API through the official SDK). The raw reply of every finished request is
+appended to a JSONL cache and fsynced, so a killed run loses no finished row and a rerun requests
+only what is missing; accept/reject is re-derived from the cached reply on every run, so changing
+the post-processing (e.g. reviser.max_edit_ratio) re-decides every pair without a new request. The
+SDK owns retries (exponential backoff with jitter, honouring Retry-After) and the per-request
+timeout; we do not stack a second retry loop on it.
 """
 from __future__ import annotations
 
@@ -15,12 +17,13 @@ import asyncio
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
 import Levenshtein
 
+from tlcr_ray.choices import REVISERS
 from tlcr_ray.config import ConfigError, ReviserConfig
 from tlcr_ray.io import KeyedJsonl
 from tlcr_ray.llm_client import async_client
@@ -74,9 +77,16 @@ class PairLike(Protocol):
     rejected: str
 
 
+CACHE_FORMAT = 2
+"""Cache rows hold the raw reply (format 2). Rows of the older format held only the decision (the
+revision or a reject reason): they are not trusted, and their pairs are requested again."""
+
+
 @dataclass
 class RevisionResult:
-    """One finished pair: `revision` is set when accepted; otherwise `reason` says why not."""
+    """One pair's decision, derived from its reply: `revision` is set when accepted; otherwise `reason`
+    says why not. Never cached itself: the cache keeps the reply, and the decision is re-derived on
+    every run under the current settings (e.g. reviser.max_edit_ratio)."""
 
     key: str
     pair_id: str
@@ -86,22 +96,38 @@ class RevisionResult:
     finish_reason: str | None = None
     usage: dict[str, int] = field(default_factory=dict)
     edit_ratio: float | None = None
-    cacheable: bool = True
-    """False for transient request failures, so a rerun asks again instead of trusting the cache."""
 
     @property
     def accepted(self) -> bool:
         return self.revision is not None
 
-    def to_row(self) -> dict:
-        row = asdict(self)
-        row.pop("cacheable")
-        return row
 
-
-def cache_key(prompt: str, chosen: str, rejected: str, model: str, version: str) -> str:
-    payload = json.dumps([prompt, chosen, rejected, model, version], ensure_ascii=False)
+def cache_key(prompt: str, chosen: str, rejected: str, *, model: str, version: str,
+              temperature: float | None = None, max_tokens: int | None = None) -> str:
+    """sha256 of everything that changes the reply: the pair, the model, the instruction version and
+    the sampling settings (not the post-processing, which is re-applied to cached replies)."""
+    payload = json.dumps([prompt, chosen, rejected, model, version, temperature, max_tokens], ensure_ascii=False)
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def reply_row(key: str, pair_id: str, *, reply: dict | None = None, error: str | None = None, detail: str = "",
+              usage: dict | None = None, transient: bool = False) -> dict:
+    """One finished request as a cache row: the reply (`content`, `refusal`, `finish_reason`; None when
+    the API returned no choices) or a request `error`. `transient` rows (connection errors, timeouts,
+    408/409/429/5xx) are not cached, so a rerun asks again."""
+    row = {"key": key, "pair_id": pair_id, "format": CACHE_FORMAT, "usage": usage or {}}
+    if error is not None:
+        row.update(error=error, detail=detail)
+    else:
+        row["reply"] = reply
+    if transient:
+        row["transient"] = True
+    return row
+
+
+def is_current_row(row: dict) -> bool:
+    """A cache row this version can re-decide from (older rows hold no reply: request those again)."""
+    return row.get("format") == CACHE_FORMAT and ("reply" in row or "error" in row)
 
 
 def build_messages(prompt: str, chosen: str, rejected: str) -> list[dict[str, str]]:
@@ -144,9 +170,14 @@ def _leading_space(text: str) -> str:
 
 
 class Reviser(Protocol):
-    def key(self, pair: PairLike) -> str: ...
+    def key(self, pair: PairLike) -> str:
+        """The cache key: everything that changes the reply."""
 
-    async def revise(self, pair: PairLike) -> RevisionResult: ...
+    async def request(self, pair: PairLike) -> dict:
+        """Ask for a revision -> a `reply_row` (the raw reply or the request error)."""
+
+    def decide(self, pair: PairLike, row: dict) -> RevisionResult:
+        """Accept or reject a reply row under the current settings (pure: no request)."""
 
     async def aclose(self) -> None: ...
 
@@ -157,12 +188,16 @@ class ChosenReviser:
     name = "chosen"
 
     def key(self, pair: PairLike) -> str:
-        return cache_key(pair.prompt, pair.chosen, pair.rejected, "chosen", "chosen")
+        return cache_key(pair.prompt, pair.chosen, pair.rejected, model="chosen", version="chosen")
 
-    async def revise(self, pair: PairLike) -> RevisionResult:
-        if not pair.chosen.strip():
-            return RevisionResult(self.key(pair), pair.pair_id, None, "empty_revision", "chosen is empty")
-        return RevisionResult(self.key(pair), pair.pair_id, pair.chosen)
+    async def request(self, pair: PairLike) -> dict:
+        return reply_row(self.key(pair), pair.pair_id, reply={"content": pair.chosen, "finish_reason": "stop"})
+
+    def decide(self, pair: PairLike, row: dict) -> RevisionResult:
+        content = (row.get("reply") or {}).get("content") or ""
+        if not content.strip():
+            return RevisionResult(row["key"], pair.pair_id, None, "empty_revision", "chosen is empty")
+        return RevisionResult(row["key"], pair.pair_id, content)
 
     async def aclose(self) -> None:
         pass
@@ -180,9 +215,10 @@ class OpenAIReviser:
                                    timeout_s=cfg.timeout_s, max_retries=cfg.max_retries)
 
     def key(self, pair: PairLike) -> str:
-        return cache_key(pair.prompt, pair.chosen, pair.rejected, self.cfg.model, INSTRUCTION_VERSION)
+        return cache_key(pair.prompt, pair.chosen, pair.rejected, model=self.cfg.model, version=INSTRUCTION_VERSION,
+                         temperature=self.cfg.temperature, max_tokens=self.cfg.max_tokens)
 
-    async def revise(self, pair: PairLike) -> RevisionResult:
+    async def request(self, pair: PairLike) -> dict:
         import openai
         from openai.types.chat import ChatCompletion
 
@@ -196,21 +232,32 @@ class OpenAIReviser:
             # error types and response parsing are the same code path.
             reply = await self.client.post("/chat/completions", cast_to=ChatCompletion, body=body)
         except openai.APIError as exc:
-            return RevisionResult(key, pair.pair_id, None, f"request_error:{type(exc).__name__}",
-                                  str(exc)[:300], cacheable=not _is_transient(exc))
+            return reply_row(key, pair.pair_id, error=f"request_error:{type(exc).__name__}", detail=str(exc)[:300],
+                             transient=_is_transient(exc))
         usage = {"prompt_tokens": reply.usage.prompt_tokens, "completion_tokens": reply.usage.completion_tokens} \
             if reply.usage else {}
         if not reply.choices:
-            return RevisionResult(key, pair.pair_id, None, "no_tags", "reply has no choices", usage=usage)
+            return reply_row(key, pair.pair_id, reply=None, usage=usage)
         choice = reply.choices[0]
-        result = RevisionResult(key, pair.pair_id, None, finish_reason=choice.finish_reason, usage=usage)
-        if choice.finish_reason == "length":
+        return reply_row(key, pair.pair_id, usage=usage, reply={
+            "content": choice.message.content, "refusal": getattr(choice.message, "refusal", None),
+            "finish_reason": choice.finish_reason})
+
+    def decide(self, pair: PairLike, row: dict) -> RevisionResult:
+        key, usage = row["key"], row.get("usage") or {}
+        if "error" in row:
+            return RevisionResult(key, pair.pair_id, None, row["error"], row.get("detail", ""), usage=usage)
+        reply = row.get("reply")
+        if reply is None:
+            return RevisionResult(key, pair.pair_id, None, "no_tags", "reply has no choices", usage=usage)
+        result = RevisionResult(key, pair.pair_id, None, finish_reason=reply.get("finish_reason"), usage=usage)
+        if reply.get("finish_reason") == "length":
             result.reason, result.detail = "length", f"cut at max_tokens={self.cfg.max_tokens}"
             return result
-        if getattr(choice.message, "refusal", None):
-            result.reason, result.detail = "refusal", choice.message.refusal[:200]
+        if reply.get("refusal"):
+            result.reason, result.detail = "refusal", reply["refusal"][:200]
             return result
-        revision, result.reason, result.detail = parse_revision(choice.message.content)
+        revision, result.reason, result.detail = parse_revision(reply.get("content"))
         if revision is None:
             return result
         # Keep the rejected response's leading whitespace: HH responses start with " " after "Assistant:".
@@ -243,27 +290,25 @@ def make_reviser(cfg: ReviserConfig, tokenize: Callable[[str], list[int]] | None
         if tokenize is None:
             raise ValueError("the openai reviser needs a tokenize function for the edit-ratio check")
         return OpenAIReviser(cfg, tokenize)
-    raise ConfigError(f"reviser.kind: unknown reviser {cfg.kind!r}; expected chosen or openai")
-
-
-def result_from_row(row: dict) -> RevisionResult:
-    return RevisionResult(**{k: v for k, v in row.items() if k in RevisionResult.__dataclass_fields__})
+    raise ConfigError(f"reviser.kind: unknown reviser {cfg.kind!r}; expected one of {', '.join(REVISERS)}")
 
 
 async def revise_all_async(pairs: Sequence[PairLike], reviser: Reviser, cache: KeyedJsonl,
                            max_concurrency: int = 16, progress: bool = True) -> tuple[list[RevisionResult], dict]:
-    """Revise every pair not in `cache` (each unique key once), `max_concurrency` requests at a time.
+    """Request every pair whose reply is not in `cache` (each unique key once), `max_concurrency`
+    requests at a time, then decide every pair from its reply under the reviser's current settings.
 
-    Returns the results in the order of `pairs` and stats: cached, requested, usage totals.
+    Returns the results in the order of `pairs` and stats: cached, requested, usage totals (of this
+    run's requests). A cache row of the old format (a decision without its reply) is requested again.
     """
     from tqdm.auto import tqdm
 
     keys = [reviser.key(p) for p in pairs]
     todo: dict[str, PairLike] = {}
     for key, pair in zip(keys, pairs):
-        if key not in cache and key not in todo:
+        if not (key in cache and is_current_row(cache.rows[key])) and key not in todo:
             todo[key] = pair
-    fresh: dict[str, RevisionResult] = {}
+    fresh: dict[str, dict] = {}
     usage = {"prompt_tokens": 0, "completion_tokens": 0}
     bar = tqdm(total=len(todo), desc=f"revise ({getattr(reviser, 'name', 'reviser')})", unit="pair",
                disable=not progress or not todo)
@@ -273,12 +318,12 @@ async def revise_all_async(pairs: Sequence[PairLike], reviser: Reviser, cache: K
         # `max_concurrency` workers share one iterator: at most that many requests are in flight,
         # and memory stays flat however many pairs there are (no task per pair).
         for key, pair in pending:
-            result = await reviser.revise(pair)
+            row = await reviser.request(pair)
             for name in usage:
-                usage[name] += result.usage.get(name, 0)
-            if result.cacheable:
-                cache.add(result.to_row())
-            fresh[key] = result
+                usage[name] += row["usage"].get(name, 0)
+            if not row.pop("transient", False):
+                cache.add(row)
+            fresh[key] = row
             bar.update(1)
 
     try:
@@ -286,7 +331,7 @@ async def revise_all_async(pairs: Sequence[PairLike], reviser: Reviser, cache: K
     finally:
         bar.close()
         await reviser.aclose()
-    results = [fresh[k] if k in fresh else result_from_row(cache.rows[k]) for k in keys]
+    results = [reviser.decide(pair, fresh[k] if k in fresh else cache.rows[k]) for k, pair in zip(keys, pairs)]
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
     stats = {"cached": len(pairs) - sum(k in fresh for k in keys), "requested": len(todo), "usage": usage}
     return results, stats

@@ -3,10 +3,11 @@
     tlcr label --config configs/demo.yaml
     tlcr label --config configs/demo.yaml --set reviser.kind=openai --set reviser.base_url=http://127.0.0.1:8000/v1
 
-Writes into `<output_dir>/label/`: revisions.jsonl (the append-only reviser cache; a rerun after a
-kill requests only what is missing), quarantine.jsonl (rejected revisions with their reason),
-labels.jsonl (two labelled sequences per accepted pair) and summary.json. Everything but the
-cache is recomputed from it on each run and written atomically.
+Writes into `<output_dir>/label/`: revisions.jsonl (the append-only cache of the reviser's raw replies;
+a rerun after a kill requests only what is missing), quarantine.jsonl (rejected revisions with their
+reason), labels.jsonl (two labelled sequences per accepted pair) and summary.json. Everything but the
+cache is recomputed from it on each run and written atomically, accept/reject included: a rerun with
+another reviser.max_edit_ratio relabels from the cached replies without a request.
 """
 from __future__ import annotations
 

@@ -13,10 +13,19 @@ from tlcr_ray.models.heads import (
                                       TokenDiscriminator,
                                       ValueModel,
                                       load_head_model,
+                                      load_value_model,
                                       save_head_model,
 )
-from tlcr_ray.models.loading import DTYPES, load_policy, load_tokenizer, torch_dtype
+from tlcr_ray.models.loading import (
+                                      DTYPES,
+                                      load_policy,
+                                      load_tokenizer,
+                                      position_ids,
+                                      torch_dtype,
+                                      vocabulary_mismatch,
+)
 
 __all__ = ["EMBEDDED_PREFIX", "cache_dir", "embedded_gguf_path", "embedded_model_dir", "embedded_tokenizer_dir",
            "resolve_model", "HEAD_KINDS", "SequenceRewardModel", "TokenDiscriminator", "ValueModel",
-           "load_head_model", "save_head_model", "DTYPES", "load_policy", "load_tokenizer", "torch_dtype"]
+           "load_head_model", "load_value_model", "save_head_model", "DTYPES", "load_policy", "load_tokenizer",
+           "position_ids", "torch_dtype", "vocabulary_mismatch"]

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tlcr_ray.io import atomic_folder
-from tlcr_ray.models.loading import resolve_model, torch_dtype
+from tlcr_ray.models.loading import position_ids, resolve_model, torch_dtype
 
 HEAD_FORMAT_VERSION = 1
 
@@ -54,8 +54,12 @@ class _HeadModel(nn.Module):
         return cls(backbone)
 
     def position_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """input_ids, attention_mask [B, T] -> head output at every position [B, T] (float32)."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        """input_ids, attention_mask [B, T] -> head output at every position [B, T] (float32).
+
+        Position ids come from the mask (`position_ids`), so a left-padded row is read as if unpadded
+        also by models with absolute position embeddings."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids(attention_mask)).last_hidden_state
         return self.head(hidden).squeeze(-1).float()
 
 
@@ -114,8 +118,9 @@ def save_head_model(model: _HeadModel, path: str | Path, tokenizer=None, state_d
     return path
 
 
-def load_head_model(path: str | Path, dtype: str = "float32") -> _HeadModel:
-    """Load a folder written by `save_head_model`; the class comes from head.json."""
+def load_head_model(path: str | Path, dtype: str = "float32", as_kind: str | None = None) -> _HeadModel:
+    """Load a folder written by `save_head_model`; the class comes from head.json, or is `as_kind`
+    (e.g. "value": a discriminator's or RM's backbone and head weights as a PPO critic)."""
     from transformers import AutoModel
 
     path = Path(path)
@@ -129,4 +134,13 @@ def load_head_model(path: str | Path, dtype: str = "float32") -> _HeadModel:
     head_state = load_file(str(path / "head.safetensors"))
     head = nn.Linear(backbone.config.hidden_size, 1)
     head.load_state_dict(head_state)
-    return HEAD_KINDS[meta["kind"]](backbone, head)
+    return HEAD_KINDS[as_kind or meta["kind"]](backbone, head)
+
+
+def load_value_model(path: str | Path, dtype: str = "float32", seed: int | None = None) -> ValueModel:
+    """The PPO critic from a folder: a head-model folder (discriminator / sequence RM) gives its backbone
+    AND head weights (ppo.critic_init=reward); any other HF folder (the policy) its backbone with a
+    fresh head (ppo.critic_init=policy)."""
+    if (Path(path) / "head.json").exists():
+        return load_head_model(path, dtype, as_kind=ValueModel.kind)
+    return ValueModel.from_pretrained(str(path), dtype=dtype, seed=seed)

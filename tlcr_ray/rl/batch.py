@@ -6,7 +6,8 @@
 Packing layout (reward, reference and learner forwards): prompts LEFT-padded to P, responses
 RIGHT-padded to R, so response token j of every row sits at column P + j. The log-prob of that token
 is read from the logits at column P + j - 1; the discriminator's p for it at P + j
-(docs/algorithm.md §6).
+(docs/algorithm.md §6). Every forward passes position ids counted from the attention mask, so the
+left padding does not move the positions of models with absolute position embeddings.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from tlcr_ray.models.loading import position_ids
 
 
 @dataclass
@@ -86,7 +89,9 @@ def response_logits_of(model, packed: PackedBatch, device: torch.device) -> torc
     P, R = packed.prompt_len, packed.response_ids.shape[1]
     # Exact positions rather than the last R + 1 then a slice, whose backward would fill a zero tensor.
     positions = torch.arange(P - 1, P + R - 1, device=device)
-    return model(input_ids=packed.input_ids.to(device), attention_mask=packed.attention_mask.to(device),
+    mask = packed.attention_mask.to(device)
+    # Position ids from the mask: the left padding must not shift an absolute-position model's positions.
+    return model(input_ids=packed.input_ids.to(device), attention_mask=mask, position_ids=position_ids(mask),
                  logits_to_keep=positions).logits
 
 
@@ -94,8 +99,8 @@ def response_logits_of(model, packed: PackedBatch, device: torch.device) -> torc
 def policy_logprobs(model, packed: PackedBatch, temperature: float = 1.0) -> torch.Tensor:
     """[batch, R] log-probs of the packed responses under a causal LM, zero on padding."""
     device = next(model.parameters()).device
-    logits = model(input_ids=packed.input_ids.to(device),
-                   attention_mask=packed.attention_mask.to(device)).logits
+    mask = packed.attention_mask.to(device)
+    logits = model(input_ids=packed.input_ids.to(device), attention_mask=mask, position_ids=position_ids(mask)).logits
     logp = token_logprobs(response_logits(logits, packed), packed.response_ids.to(device), temperature)
     return logp.cpu() * packed.response_mask
 

@@ -1,7 +1,7 @@
 """One data-parallel PPO learner rank: actor (policy) + critic (value head), each a DeepSpeed engine.
 
     learner = PPOLearner("runs/demo/sft/model", ppo_cfg, rank=0, world_size=1,
-                         init_method="file:///tmp/tlcr-rdzv")
+                         init_method="file:///tmp/tlcr-rdzv", critic_dir="runs/demo/disc/model")
     old = learner.evaluate(batch, pad_id)           # {"logprobs", "values", "entropy"}: [batch, R]
                                                     # (+ "logits" [batch, R, vocab] for kl_estimator full)
     stats = learner.train(batch, pad_id, advantages, returns, old["logprobs"], old["values"])
@@ -9,6 +9,11 @@
 Every rank packs the WHOLE batch (so P and R agree across ranks) and works on its own contiguous
 block of rows; gradients are averaged by DeepSpeed over the torch.distributed group (gloo on CPU,
 nccl on GPU). `evaluate` returns only this rank's rows; the caller concatenates in rank order.
+
+The critic starts from `critic_dir` (ppo.critic_init: the run's discriminator or RM, head weights
+included; or the policy with a fresh head). Both engines follow ppo.lr_schedule over the run's
+optimizer steps (`optimizer_steps_per_update` x ppo.steps); DeepSpeed keeps the schedulers' state in
+the checkpoints, so a resumed run continues the schedule.
 """
 from __future__ import annotations
 
@@ -29,15 +34,28 @@ from tlcr_ray.rl.batch import (
     token_logprobs,
 )
 from tlcr_ray.rl.ppo_math import masked_mean, policy_loss, value_loss
-from tlcr_ray.training.optim import PRECISION_OF_DTYPE, deepspeed_config
+from tlcr_ray.training.optim import PRECISION_OF_DTYPE, deepspeed_config, lr_scheduler
+
+
+def minibatches_per_epoch(batch_size: int, mini_batch_size: int, world_size: int) -> int:
+    """Optimizer steps of one pass over a PPO batch: each rank takes ceil(batch / world) rows in
+    micro-batches of mini_batch_size // world rows; every rank runs the same count (each step all-reduces)."""
+    micro = max(1, mini_batch_size // world_size)
+    per_rank = -(-batch_size // world_size)
+    return -(-per_rank // micro)
+
+
+def optimizer_steps_per_update(ppo_cfg, world_size: int) -> int:
+    """Optimizer steps of one PPO step (`PPOLearner.train` on a batch of ppo.prompts_per_step rows)."""
+    return ppo_cfg.ppo_epochs * minibatches_per_epoch(ppo_cfg.prompts_per_step, ppo_cfg.mini_batch_size, world_size)
 
 
 class PPOLearner:
     def __init__(self, policy_dir: str, ppo_cfg, *, rank: int, world_size: int, init_method: str,
-                 dtype: str = "float32"):
+                 dtype: str = "float32", critic_dir: str | None = None):
         import deepspeed
 
-        from tlcr_ray.models import ValueModel, load_policy
+        from tlcr_ray.models import load_policy, load_value_model
 
         self.cfg, self.rank, self.world_size = ppo_cfg, rank, world_size
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -53,7 +71,9 @@ class PPOLearner:
                                    auto_mpi_discovery=False, verbose=False)
         self.policy_dir = policy_dir
         policy = load_policy(policy_dir, dtype=dtype)
-        critic = ValueModel.from_pretrained(policy_dir, dtype=dtype, seed=ppo_cfg.seed)
+        # A head-model folder gives backbone + head weights; the policy folder a fresh head.
+        self.critic_dir = critic_dir or policy_dir
+        critic = load_value_model(self.critic_dir, dtype=dtype, seed=ppo_cfg.seed)
         self.actor = self._engine(policy, ppo_cfg.actor_lr, dtype)
         self.critic = self._engine(critic, ppo_cfg.critic_lr, dtype)
 
@@ -66,7 +86,10 @@ class PPOLearner:
                                   max_grad_norm=self.cfg.max_grad_norm)
         # A plain torch optimizer: DeepSpeed's CPU/fused Adam would JIT-compile for a minute first.
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        total = self.cfg.steps * optimizer_steps_per_update(self.cfg, self.world_size)
+        schedule = lr_scheduler(optimizer, total=total, warmup=self.cfg.warmup_steps, schedule=self.cfg.lr_schedule)
+        # Passed to DeepSpeed: engine.step() steps it, and save/load_checkpoint keep its state.
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=config)
         return engine
 
     # ------------------------------------------------------------------ forwards
@@ -119,8 +142,8 @@ class PPOLearner:
         rows = list(shard_rows(len(batch.prompt_ids), self.rank, self.world_size))
         micro = max(1, self.cfg.mini_batch_size // self.world_size)
         # Every rank must run the same number of optimizer steps (each step all-reduces).
-        per_rank = -(-len(batch.prompt_ids) // self.world_size)
-        n_minibatches = -(-per_rank // micro)
+        n_minibatches = minibatches_per_epoch(len(batch.prompt_ids), self.cfg.mini_batch_size, self.world_size)
+        lrs = {"actor_lr": self.actor.get_lr()[0], "critic_lr": self.critic.get_lr()[0]}  # this update's
         generator = torch.Generator().manual_seed(self.cfg.seed * 7919 + len(rows))
         self.actor.train()
         self.critic.train()
@@ -136,6 +159,7 @@ class PPOLearner:
                     totals[key] = totals.get(key, 0.0) + value
                 count += 1
         result = {key: value / max(count, 1) for key, value in totals.items()}
+        result.update(lrs)
         result["seconds"] = time.perf_counter() - start
         return result
 
@@ -218,7 +242,15 @@ class PPOLearner:
     def load_checkpoint(self, folder: str) -> None:
         folder = Path(folder)
         for engine, name in ((self.actor, "actor"), (self.critic, "critic")):
-            path, _ = engine.load_checkpoint(str(folder / name), tag="ds")
+            try:
+                path, _ = engine.load_checkpoint(str(folder / name), tag="ds")
+            except AttributeError as exc:
+                # Written before ppo.lr_schedule existed: no scheduler state (None) in the checkpoint.
+                if "NoneType" not in str(exc):
+                    raise
+                print(f"ppo: {folder / name} holds no lr-scheduler state (an older checkpoint); the lr "
+                      "schedule restarts from its first step", flush=True)
+                path, _ = engine.load_checkpoint(str(folder / name), tag="ds", load_lr_scheduler_states=False)
             if path is None:
                 raise FileNotFoundError(f"{folder / name}: no DeepSpeed checkpoint 'ds'")
 

@@ -70,6 +70,7 @@ def step_metrics(rewards: torch.Tensor, mask: torch.Tensor, adv: dict, old_logpr
         "entropy": masked_mean(entropy, mask).item(),
         "value_mean": masked_mean(values, mask).item(),
         "stop_frac": float(np.mean([f == "stop" for f in finish_reasons])),
+        "truncated_frac": float(np.mean([f == "length" for f in finish_reasons])),  # cut at max_response_len
         **{k: float(np.mean([t[k] for t in train])) for k in train[0] if k != "seconds"},
     }
 

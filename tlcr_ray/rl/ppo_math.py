@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tlcr_ray.choices import KL_ESTIMATORS  # noqa: F401  (ppo.kl_estimator; defined there so the config can check it)
+
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     if dim is None:
@@ -56,9 +58,6 @@ def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float =
     logp = F.log_softmax(logits.float() / temperature, dim=-1)
     ref_logp = F.log_softmax(ref_logits.float() / temperature, dim=-1)
     return (logp.exp() * (logp - ref_logp)).sum(-1)
-
-
-KL_ESTIMATORS = ("k1", "k3", "full")
 
 
 def token_kl(estimator: str, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import torch
 
-TOKEN_MODES = ("continuous", "fixed", "no_negative", "no_positive")
-"""Modes computed from the discriminator's p per token (what the HTTP API offers)."""
-MODES = TOKEN_MODES + ("sequence",)
-"""Every `reward.mode`; `sequence` is the PPO-seq baseline's sequence RM."""
+from tlcr_ray.choices import MODES, TOKEN_MODES  # defined there (no torch) so the config can check reward.mode
+
 MODE_LABELS = {"continuous": "TLCR", "sequence": "PPO-seq", "fixed": "TLCR-fixed",
                "no_negative": "TLCR w/o negative", "no_positive": "TLCR w/o positive"}
 """How reports name the policy each mode trains (the paper's names)."""
@@ -55,6 +53,20 @@ def sequence_rewards(scores: torch.Tensor, response_mask: torch.Tensor, clip: fl
     rows = torch.arange(rewards.shape[0])
     rewards[rows, last_token_index(response_mask)] = scores.float().clamp(-clip, clip)
     return rewards * response_mask
+
+
+def apply_missing_eos_penalty(rewards: torch.Tensor, response_mask: torch.Tensor, finish_reasons: list[str],
+                              penalty: float) -> torch.Tensor:
+    """`ppo.truncated: penalize` (docs/algorithm.md §6): a new [batch, R] tensor with `penalty` subtracted
+    at the last token of each row cut at max_response_len (finish reason "length", so no EOS)."""
+    if len(finish_reasons) != rewards.shape[0]:
+        raise ValueError(f"{len(finish_reasons)} finish reasons for {rewards.shape[0]} reward rows")
+    out = rewards.clone()
+    rows = [i for i, reason in enumerate(finish_reasons) if reason == "length" and response_mask[i].any()]
+    if rows:
+        rows_t = torch.tensor(rows)
+        out[rows_t, last_token_index(response_mask)[rows_t]] -= penalty
+    return out
 
 
 @torch.no_grad()

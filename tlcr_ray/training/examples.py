@@ -16,21 +16,23 @@ IGNORE = -100
 
 
 def truncate(input_ids: list[int], targets: list, response_start: int, max_len: int) -> tuple[list[int], list]:
-    """Fit a sequence into `max_len`: drop prompt tokens from the left first, then cut the response's end."""
+    """Fit a sequence into `max_len`: drop prompt tokens from the left first, then cut the response's end
+    (a final EOS goes first, so a response cut here does not end with one)."""
     excess = max(0, len(input_ids) - max_len)
     left = min(excess, response_start)
     return input_ids[left:][:max_len], targets[left:][:max_len]
 
 
 def _encode(tokenizer, model_cfg, prompt: str, response: str, add_eos: bool):
-    from tlcr_ray.data.tokens import encode_prompt_response
+    from tlcr_ray.data.tokens import append_eos, encode_prompt_response
 
     enc = encode_prompt_response(tokenizer, prompt, response, model_cfg.max_prompt_len, model_cfg.max_response_len)
-    ids = list(enc.input_ids)
     # The end-of-turn token teaches the policy to stop and gives the RM one fixed place to read its score.
-    if add_eos and tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    return ids, enc.response_start
+    # A response cut at max_response_len gets none (it did not end: an EOS would teach stopping mid-sentence),
+    # and `truncate` to max_len drops it with any response token it cuts.
+    if add_eos:
+        enc = append_eos(enc, tokenizer.eos_token_id)
+    return list(enc.input_ids), enc.response_start
 
 
 def sft_examples(pairs, tokenizer, model_cfg, max_len: int) -> list[dict]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -24,7 +23,7 @@ from tlcr_ray.models import SequenceRewardModel, TokenDiscriminator, load_policy
 from tlcr_ray.tracking import MetricsLog
 from tlcr_ray.training.batching import collate, micro_batches
 from tlcr_ray.training.losses import StepStats, compute_loss
-from tlcr_ray.training.optim import WEIGHT_DTYPES, lr_factor, param_groups, stage_deepspeed_config
+from tlcr_ray.training.optim import WEIGHT_DTYPES, lr_scheduler, param_groups, stage_deepspeed_config
 
 FAIL_AT_STEP_ENV = "TLCR_FAIL_AT_STEP"
 """Fault injection for the resume test: a run that started from scratch raises at this optimizer step."""
@@ -85,8 +84,7 @@ def build_engine(spec: LoopSpec):
     model = build_model(spec.stage, spec.init, WEIGHT_DTYPES[cfg.precision], seed=cfg.seed)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     warmup = round(cfg.warmup_ratio * spec.total_steps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, partial(lr_factor, total=spec.total_steps, warmup=warmup, schedule=cfg.lr_schedule))
+    schedule = lr_scheduler(optimizer, total=spec.total_steps, warmup=warmup, schedule=cfg.lr_schedule)
     engine, _, _, schedule = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                                   config=stage_deepspeed_config(cfg))
     return engine, schedule

@@ -7,26 +7,32 @@ one DeepSpeed config builder (supervised stages and the PPO learner).
 from __future__ import annotations
 
 import math
+from functools import partial
 
+import torch
 from torch import nn
 
-PRECISIONS = ("fp32", "bf16", "fp16")
-WEIGHT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-"""The dtype the weights are loaded in for each DeepSpeed precision (DeepSpeed keeps fp32 masters)."""
-PRECISION_OF_DTYPE = {dtype: precision for precision, dtype in WEIGHT_DTYPES.items()}
-"""The DeepSpeed precision that matches weights loaded in `model.dtype` (the PPO learner)."""
+# The precision <-> weight dtype tables live with the config's choices (one definition, no torch there).
+from tlcr_ray.choices import LR_SCHEDULES, PRECISION_OF_DTYPE, PRECISIONS, WEIGHT_DTYPES  # noqa: F401
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     """Multiplier of the base lr at optimizer step `step`: linear warm-up, then constant or cosine to 0."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr_schedule {schedule!r}; expected one of {', '.join(LR_SCHEDULES)}")
     if step < warmup:
         return (step + 1) / (warmup + 1)
     if schedule == "constant":
         return 1.0
-    if schedule == "cosine":
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    raise ValueError(f"unknown lr_schedule {schedule!r}; expected constant or cosine")
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def lr_scheduler(optimizer, *, total: int, warmup: int, schedule: str) -> torch.optim.lr_scheduler.LambdaLR:
+    """`lr_factor` as a torch scheduler, stepped once per optimizer step (DeepSpeed steps it and keeps its
+    state in the engine's checkpoints when it is passed to `deepspeed.initialize`)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_factor, total=total, warmup=warmup, schedule=schedule))
 
 
 def deepspeed_config(*, micro_batch_size: int, grad_accum: int, zero_stage: int, precision: str,
@@ -41,7 +47,8 @@ def deepspeed_config(*, micro_batch_size: int, grad_accum: int, zero_stage: int,
         "gradient_clipping": max_grad_norm,
         "zero_optimization": {"stage": zero_stage},
         "bf16": {"enabled": precision == "bf16"},
-        "fp16": {"enabled": precision == "fp16"},
+        # fp16 weights need loss scaling: loss_scale 0 is DeepSpeed's dynamic scaler.
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0},
         # A plain torch AdamW: DeepSpeed's own Adam JIT-compiles for a minute or more on CPU.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,

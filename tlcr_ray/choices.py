@@ -1,0 +1,49 @@
+"""The allowed values of every enum-like config field, defined once.
+
+    from tlcr_ray.choices import MODES, KL_ESTIMATORS
+
+`tlcr_ray.config` checks each field against these tuples when a YAML file and its `--set` overrides
+are read, and the code that acts on a value (rewards, PPO math, DeepSpeed config, ...) imports the
+same tuple. Plain Python, no torch: the config module is imported everywhere and must stay light.
+"""
+from __future__ import annotations
+
+TOKEN_MODES = ("continuous", "fixed", "no_negative", "no_positive")
+"""Reward modes computed from the discriminator's p per token (what the HTTP API offers)."""
+MODES = TOKEN_MODES + ("sequence",)
+"""Every `reward.mode`; `sequence` is the PPO-seq baseline's sequence RM."""
+KL_ESTIMATORS = ("k1", "k3", "full")
+"""`ppo.kl_estimator`."""
+LR_SCHEDULES = ("constant", "cosine")
+"""`sft|disc|rm.lr_schedule` and `ppo.lr_schedule`."""
+ROLLOUT_BACKENDS = ("auto", "hf", "vllm")
+"""`ppo.rollout_backend` (auto: vLLM when importable)."""
+CRITIC_INITS = ("reward", "policy")
+"""`ppo.critic_init`: the run's reward model (discriminator or sequence RM) or the initial policy."""
+RESUME = ("auto", "never")
+"""`ppo.resume`."""
+DTYPES = ("float32", "bfloat16", "float16")
+"""`model.dtype`, `serve.dtype`: the one spelling of each weight dtype."""
+DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+"""Other spellings accepted in a config and normalised to a `DTYPES` name when it is read."""
+PRECISIONS = ("fp32", "bf16", "fp16")
+"""`sft|disc|rm.precision`: the DeepSpeed precision (the weights are loaded in its dtype)."""
+PRECISION_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
+"""Dtype spellings accepted for a precision and normalised to a `PRECISIONS` name."""
+WEIGHT_DTYPES = dict(zip(PRECISIONS, DTYPES))
+"""The dtype the weights are loaded in for each DeepSpeed precision (DeepSpeed keeps fp32 masters)."""
+PRECISION_OF_DTYPE = {dtype: precision for precision, dtype in WEIGHT_DTYPES.items()}
+"""The DeepSpeed precision that matches weights loaded in a dtype (the PPO learner's `model.dtype`):
+float16 weights always train with DeepSpeed fp16 on, i.e. with dynamic loss scaling."""
+SEQUENCE_SCORES = ("sum", "mean")
+"""`serve.sequence_score`: how /get_reward reduces token rewards."""
+REVISERS = ("chosen", "openai")
+"""`reviser.kind`."""
+ON_BAD_ROW = ("error", "skip")
+"""`data.on_bad_row`."""
+PARTS = ("sft", "reward", "rl")
+"""The data partitions, in order."""
+SPLITS = PARTS + ("all",)
+"""`data.split`."""
+TRUNCATED = ("keep", "penalize")
+"""`ppo.truncated`: a response cut at max_response_len is rewarded as it is, or gets missing_eos_penalty."""

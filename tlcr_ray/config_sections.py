@@ -1,0 +1,325 @@
+"""The sections of a tlcr config, one dataclass per stage, every field documented where it is declared.
+
+`tlcr_ray.config` assembles them into `Config` and reads YAML into it; import them from there.
+`choice` and `bounded` fields are checked when a config is read (the allowed values live in
+`tlcr_ray.choices`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tlcr_ray.choices import (
+    CRITIC_INITS,
+    DTYPE_ALIASES,
+    DTYPES,
+    KL_ESTIMATORS,
+    LR_SCHEDULES,
+    MODES,
+    ON_BAD_ROW,
+    PRECISION_ALIASES,
+    PRECISIONS,
+    RESUME,
+    REVISERS,
+    ROLLOUT_BACKENDS,
+    SEQUENCE_SCORES,
+    SPLITS,
+    TOKEN_MODES,
+    TRUNCATED,
+)
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file and the key."""
+
+
+def choice(default: str, choices: tuple[str, ...], aliases: dict[str, str] | None = None):
+    """A string field that must be one of `choices` (checked when a config is read); `aliases` are
+    other spellings, normalised to their choice at load (so e.g. `bf16` is stored as `bfloat16`)."""
+    return field(default=default, metadata={"choices": tuple(choices), "aliases": dict(aliases or {})})
+
+
+def bounded(default, *, gt: float | None = None, ge: float | None = None, le: float | None = None):
+    """A number field checked against bounds when a config is read (`gt`: >, `ge`: >=, `le`: <=)."""
+    return field(default=default, metadata={"gt": gt, "ge": ge, "le": le})
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/hh-rlhf/harmless-base/test.jsonl.gz"
+    """Preference pairs: local .jsonl/.jsonl.gz/.parquet with `chosen`/`rejected`, or `hf:<hub id>`."""
+    hub_split: str = "test"
+    """Split of the hub dataset when `path` is `hf:<id>`."""
+    split: str = choice("reward", SPLITS)
+    """Partition a stage reads: sft, reward, rl or all (each stage overrides its own default)."""
+    fractions: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.4])
+    """SFT / reward / RL shares of the pairs (docs/algorithm.md §1: 20/40/40)."""
+    seed: int = 0
+    """Seed of the deterministic partition."""
+    max_pairs: int | None = None
+    """Keep only the first N pairs of the chosen partition (None: all)."""
+    on_bad_row: str = choice("error", ON_BAD_ROW)
+    """`error`: stop naming file, line and field; `skip`: count the reason in the summary."""
+
+
+@dataclass
+class ModelConfig:
+    base: str = EMBEDDED_MODEL
+    """Policy base: a local HF folder, a hub id, or the embedded SmolLM2-135M-Instruct."""
+    tokenizer: str | None = None
+    """Tokenizer folder or hub id (None: the base model's)."""
+    dtype: str = choice("float32", DTYPES, DTYPE_ALIASES)
+    """float32, bfloat16 or float16 (CPU runs want float32); fp32/bf16/fp16 are read as these names. The PPO
+    learner trains in the matching DeepSpeed precision (float16: fp16 with dynamic loss scaling)."""
+    max_prompt_len: int = 256
+    """Prompts are left-truncated to this many tokens."""
+    max_response_len: int = 256
+    """Responses are truncated (training) or generation stops (rollout) at this many tokens."""
+
+
+@dataclass
+class ReviserConfig:
+    kind: str = choice("chosen", REVISERS)
+    """`chosen` (offline: the chosen response is the revision) or `openai` (any OpenAI-compatible API)."""
+    base_url: str | None = None
+    """OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 for a vLLM server (None: OpenAI)."""
+    model: str = "gpt-4o-mini"
+    """Model name sent to the API."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable that holds the API key; the key is never written anywhere."""
+    max_concurrency: int = 16
+    """Requests in flight at once."""
+    max_edit_ratio: float = bounded(0.6, ge=0.0, le=1.0)
+    """Reject a revision whose token edit count / max(len) exceeds this (a rewrite, not an edit). Decided
+    from the cached reply on every run: changing it re-decides every pair without a new request."""
+    timeout_s: float = 60.0
+    """Per-request timeout."""
+    max_retries: int = 5
+    """Retries on 429/5xx/timeouts/connection errors (exponential backoff, honours Retry-After)."""
+    temperature: float = 0.0
+    max_tokens: int = 1024
+    """Completion token limit; a revision cut by it (`finish_reason == "length"`) is rejected."""
+
+
+@dataclass
+class TrainConfig:
+    """One supervised stage (SFT, discriminator or RM) on Ray Train + DeepSpeed."""
+
+    init_from: str | None = None
+    """Start from this model folder (None: the stage's default, e.g. the SFT output for the discriminator)."""
+    epochs: float = 1.0
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (None: run the epochs)."""
+    lr: float = 1e-5
+    lr_schedule: str = choice("cosine", LR_SCHEDULES)
+    """constant or cosine."""
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    micro_batch_size: int = 4
+    """Sequences per worker per forward."""
+    grad_accum: int = 1
+    max_len: int = 512
+    """Prompt + response tokens per sequence (prompt left-truncated first)."""
+    zero_stage: int = 2
+    precision: str = choice("fp32", PRECISIONS, PRECISION_ALIASES)
+    """fp32, bf16 or fp16 (float32/bfloat16/float16 are read as these names); the weights are loaded in the
+    matching dtype, and fp16 trains with DeepSpeed's dynamic loss scaling."""
+    num_workers: int = 1
+    """Ray Train data-parallel workers."""
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    checkpoint_every: int = 50
+    """Optimizer steps between Ray Train checkpoints."""
+    keep_checkpoints: int = 2
+    eval_fraction: float = 0.1
+    """Held-out share of the stage's pairs for evaluation."""
+    seed: int = 0
+    max_grad_norm: float = 1.0
+    max_failures: int = 1
+    """Worker crashes Ray Train recovers from (restarting from the latest checkpoint)."""
+    labels_path: str | None = None
+    """Discriminator only: token labels JSONL (None: `<output_dir>/label/labels.jsonl`)."""
+
+
+@dataclass
+class RewardConfig:
+    mode: str = choice("continuous", MODES)
+    """continuous (2p-1), fixed (+1/-1/0 by thresholds), no_negative, no_positive, or sequence (RM baseline)."""
+    fixed_pos_threshold: float = 0.6
+    fixed_neg_threshold: float = 0.4
+    sequence_clip: float = 5.0
+    """The sequence baseline's RM score is clipped to +-this."""
+    discriminator: str | None = None
+    """Discriminator folder (None: `<output_dir>/disc/model`)."""
+    reward_model: str | None = None
+    """Sequence RM folder for `sequence` mode (None: `<output_dir>/rm/model`)."""
+
+
+@dataclass
+class GroupResources:
+    """Resources of one actor group; a CPU config runs every group on a laptop."""
+
+    num_actors: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources (e.g. {"worker_node": 1}) to pin a group to a node type."""
+
+
+@dataclass
+class PPOConfig:
+    steps: int = bounded(20, ge=0)
+    """PPO iterations (one rollout batch each)."""
+    prompts_per_step: int = bounded(8, ge=1)
+    policy: str | None = None
+    """Initial policy folder (None: `<output_dir>/sft/model`)."""
+    kl_coef: float = 0.1
+    kl_estimator: str = choice("k1", KL_ESTIMATORS)
+    """Per-token KL_t in R_t = r_t - kl_coef * KL_t: k1 (log pi - log pi_ref of the sampled token),
+    k3 (exp(-k1) - 1 + k1, non-negative), or full (sum over the vocabulary of pi (log pi - log pi_ref)
+    from both models' logits at each response position; moves [batch, R, vocab] tensors per step)."""
+    gamma: float = bounded(1.0, ge=0.0, le=1.0)
+    lam: float = bounded(0.95, ge=0.0, le=1.0)
+    clip_eps: float = bounded(0.2, gt=0.0)
+    value_clip: float = bounded(0.2, gt=0.0)
+    ppo_epochs: int = bounded(1, ge=1)
+    mini_batch_size: int = bounded(8, ge=1)
+    actor_lr: float = bounded(1e-6, ge=0.0)
+    critic_lr: float = bounded(1e-6, ge=0.0)
+    lr_schedule: str = choice("cosine", LR_SCHEDULES)
+    """Learning-rate schedule of both engines over the run's optimizer steps (ppo.steps x the updates of
+    one step): cosine decay to 0 (the paper, no warm-up) or constant."""
+    warmup_steps: int = bounded(0, ge=0)
+    """Linear warm-up, in optimizer steps, before the schedule (the paper: 0)."""
+    critic_init: str = choice("reward", CRITIC_INITS)
+    """Where the critic (backbone + value head) starts: `reward` (as the paper's code: the run's reward
+    model, i.e. the sequence RM in `sequence` mode and the discriminator in the token modes, head
+    weights included) or `policy` (the initial policy's backbone with a freshly initialised head)."""
+    temperature: float = bounded(1.0, gt=0.0)
+    """Sampling temperature (> 0); log-probs are computed from logits / temperature."""
+    top_p: float = bounded(0.9, gt=0.0, le=1.0)
+    stop: list[str] = field(default_factory=lambda: ["\n\nHuman:"])
+    """Stop strings of generation (PPO rollouts and the report's samples): a response ends before the
+    first one it contains (the marker is not part of it), with EOS appended and finish reason `stop`,
+    as if the model had stopped there. The default ends HH-format responses that run on into an
+    invented next turn. []: stop at EOS only."""
+    truncated: str = choice("keep", TRUNCATED)
+    """A response cut at model.max_response_len without EOS (finish reason `length`): `keep` scores it
+    like any other (the paper; in `sequence` mode the RM reads its last, non-EOS token) or `penalize`
+    (OpenRLHF/TRL's missing-EOS penalty: ppo.missing_eos_penalty is subtracted at its last token)."""
+    missing_eos_penalty: float = bounded(1.0, ge=0.0)
+    """With ppo.truncated=penalize: subtracted from the reward of a truncated response's last token."""
+    rollout_backend: str = choice("auto", ROLLOUT_BACKENDS)
+    """vllm, hf, or auto (vLLM when importable)."""
+    vllm_tensor_parallel: int = 1
+    vllm_memory_utilization: float = 0.5
+    threads_per_actor: int = 0
+    """torch/OMP threads in each PPO actor (0: Ray's default, the actor's num_cpus). The loop's stages
+    run mostly one after another, so on a small CPU machine every actor may use all cores."""
+    vllm_kv_cache_gib: float | None = None
+    """Fixed vLLM KV-cache size (GiB); None: vllm_memory_utilization of the device (RAM on CPU)."""
+    zero_stage: int = 2
+    max_grad_norm: float = 1.0
+    entropy_coef: float = 0.0
+    """Entropy bonus in the policy loss (the paper uses none)."""
+    whiten_advantages: bool = True
+    checkpoint_every: int = 5
+    keep_checkpoints: int = 2
+    sync_check: bool = True
+    """After a weight sync, compare the rollout's log-probs of one sequence with the learner's (logged as
+    sync_logprob_err / sync_logprob_change; three extra forwards)."""
+    sync_check_every: int = bounded(10, ge=1)
+    """The sync check runs after the first step's sync and then after every Nth step (1: every step)."""
+    resume: str = choice("auto", RESUME)
+    """auto (continue from the last checkpoint if any) or never."""
+    max_failures: int = 3
+    """Actor losses survived by recreating the group and resuming from the last checkpoint."""
+    seed: int = 0
+    rollout: GroupResources = field(default_factory=GroupResources)
+    reward: GroupResources = field(default_factory=GroupResources)
+    reference: GroupResources = field(default_factory=GroupResources)
+    learner: GroupResources = field(default_factory=GroupResources)
+
+
+@dataclass
+class ServeConfig:
+    checkpoint: str | None = None
+    """Discriminator folder (None: `<output_dir>/disc/model`)."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_items: int = 64
+    """Items (or /get_reward queries) per request; more is a 422."""
+    max_chars: int = 20000
+    """Characters per text field (prompt, response, query); more is a 422."""
+    max_tokens: int = 1024
+    """Tokens per item (prompt + response, no truncation); more is a 413."""
+    max_body_bytes: int = 8 * 1024 * 1024
+    """Request body size; more is a 413 before any parsing."""
+    max_batch_size: int = 16
+    """Items per forward pass (`@serve.batch`)."""
+    batch_wait_timeout_s: float = 0.01
+    max_ongoing_requests: int = 64
+    """Items in flight per scorer replica; must be >= max_batch_size or batches are capped by it."""
+    sequence_score: str = choice("sum", SEQUENCE_SCORES)
+    """How /get_reward reduces token rewards to one score: sum or mean."""
+    mode: str = choice("continuous", TOKEN_MODES)
+    """Token-reward mode of /get_reward: continuous, fixed, no_negative or no_positive."""
+    dtype: str = choice("float32", DTYPES, DTYPE_ALIASES)
+    api_key_env: str = "TLCR_API_KEY"
+    """Environment variable (in the serving processes) holding the bearer token; unset: no auth."""
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 32.0
+    """Autoscaling target: items in flight per scorer replica."""
+    num_cpus: float = 1.0
+    """CPUs per scorer replica (torch uses this many threads)."""
+    num_gpus: float = 0.0
+    """GPUs per scorer replica (> 0 puts the model on cuda)."""
+
+
+@dataclass
+class EvalConfig:
+    """`tlcr eval mt-bench|alpaca-eval`: HF generation on CPU, then an OpenAI-compatible judge."""
+
+    model: str | None = None
+    """Model folder to evaluate (the CLI's --model wins)."""
+    judge_base_url: str | None = None
+    """OpenAI-compatible judge endpoint (None: OpenAI)."""
+    judge_model: str = "gpt-4"
+    """Judge model name (the MT-Bench and TLCR papers use GPT-4)."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable that holds the judge's API key; the key is never written anywhere."""
+    max_concurrency: int = 8
+    timeout_s: float = 120.0
+    max_retries: int = 5
+    """The SDK's own retries on 429/5xx/timeouts (exponential backoff, honours Retry-After)."""
+    judge_max_tokens: int = 2048
+    max_new_tokens: int = 512
+    """Answer length limit per turn."""
+    batch_size: int = 8
+    temperature: float = 0.0
+    """0: greedy decoding."""
+    limit: int | None = None
+    """Evaluate only the first N questions (the CLI's --limit wins)."""
+    mt_bench_dir: str | None = None
+    """MT-Bench folder (None: the copy in the repo's data/mt-bench)."""
+    alpaca_reference: str | None = None
+    """AlpacaEval reference outputs (None: data/alpaca-eval/gpt4_1106_preview_outputs.json)."""
+    seed: int = 0
+    """Seeds the A/B order of the pairwise judge (and sampling when temperature > 0)."""
+
+
+@dataclass
+class PipelineConfig:
+    """`tlcr pipeline`: every stage from one config; a stage whose output exists is skipped."""
+
+    ppo_modes: list[str] = field(default_factory=lambda: ["continuous", "sequence", "fixed"],
+                                 metadata={"choices": MODES, "aliases": {}})
+    """PPO runs to compare: TLCR (continuous), PPO-seq (sequence) and TLCR-fixed."""
+    eval_prompts: int = 16
+    """Held-out RL prompts for the report's reward table (SFT vs each PPO policy)."""
+    eval_seeds: list[int] = field(default_factory=lambda: [0])
+    """Sampling seeds of the report's reward table."""
+    heatmap_samples: int = 4
+    """Responses (and labelled pairs) shown in the HTML token heat-map."""
