@@ -27,6 +27,7 @@ from tlcr_ray.io import atomic_folder, read_json, write_json_atomic
 from tlcr_ray.layout import RunLayout
 from tlcr_ray.local_ray import ensure_ray
 from tlcr_ray.models import load_tokenizer, resolve_model, vocabulary_mismatch
+from tlcr_ray.plan import require_fit
 from tlcr_ray.rl.batch import RolloutBatch, merge_batches, split_rows
 from tlcr_ray.rl.loop_state import initial_state, response_mask, sample_prompts, saved_state, step_metrics, sync_check
 from tlcr_ray.rl.ppo_math import KL_ESTIMATORS, advantages_from_rollout
@@ -184,6 +185,9 @@ def _resolve_paths(cfg: Config) -> tuple[str, str]:
 
 def run(cfg: Config, args=None) -> dict:
     """`tlcr ppo`: the whole run, resuming from the last checkpoint and surviving lost actors."""
+    # A GPU config that cannot fit is refused before Ray or any model starts (`tlcr plan`, tlcr_ray/plan.py).
+    require_fit(cfg, [f"ppo.{g}" for g in ("rollout", "reward", "reference", "learner")
+                      if getattr(cfg.ppo, g).num_gpus > 0], "ppo")
     policy_dir, reward_dir = _resolve_paths(cfg)
     paths = RunLayout.of(cfg).ppo(cfg.reward.mode)
     run_dir = paths.dir

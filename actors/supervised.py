@@ -27,6 +27,7 @@ from tlcr_ray.io import iter_jsonl, write_json_atomic
 from tlcr_ray.layout import RunLayout
 from tlcr_ray.local_ray import ensure_ray
 from tlcr_ray.models import load_tokenizer, resolve_model
+from tlcr_ray.plan import require_fit
 from tlcr_ray.training.batching import total_steps
 from tlcr_ray.training.examples import stage_examples, stage_init
 from tlcr_ray.training.loop import FAIL_AT_STEP_ENV, LoopSpec, run_rank
@@ -49,6 +50,8 @@ def run_rm(cfg, args=None) -> dict:
 def train_stage(cfg, stage: str) -> dict:
     """Train one stage end to end on Ray Train and return its summary."""
     train_cfg: TrainConfig = getattr(cfg, stage)
+    if train_cfg.use_gpu:  # refused before data, models or Ray load if it cannot fit (`tlcr plan`)
+        require_fit(cfg, [stage], stage)
     paths = RunLayout.of(cfg).stage(stage)
     stage_dir = paths.dir.resolve()
     init, why = stage_init(cfg, stage)

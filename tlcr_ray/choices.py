@@ -47,3 +47,5 @@ SPLITS = PARTS + ("all",)
 """`data.split`."""
 TRUNCATED = ("keep", "penalize")
 """`ppo.truncated`: a response cut at max_response_len is rewarded as it is, or gets missing_eos_penalty."""
+GPUS = ("a100-40gb", "a100-80gb", "h100-80gb", "h200-141gb")
+"""The top-level `gpu` and `tlcr plan --gpu`: GPU kinds whose memory `tlcr_ray.plan_models` knows."""

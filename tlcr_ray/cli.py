@@ -9,6 +9,7 @@
     tlcr serve      --checkpoint runs/demo/disc/model [--host 127.0.0.1 --port 8000]
     tlcr score      --checkpoint runs/demo/disc/model --input pairs.jsonl --output scores.jsonl
     tlcr pipeline   --config configs/demo.yaml [--force]
+    tlcr plan       --config configs/a100-7b.yaml [--gpu a100-80gb | --gpu-memory-gib 80] [--json]
     tlcr report     runs/demo
 
 This is the only module of `tlcr_ray` that reaches into the Ray layers (`actors`, `serve`), and only
@@ -23,6 +24,7 @@ import signal
 import sys
 from typing import Callable
 
+from tlcr_ray.choices import GPUS
 from tlcr_ray.config import Config, ConfigError, load_config
 from tlcr_ray.data.pairs import DataError
 from tlcr_ray.eval.score_file import add_arguments as add_score_arguments
@@ -75,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="token rewards of a JSONL/parquet file with a discriminator, offline (no Ray)")
     _add_config_args(p)
     add_score_arguments(p)
+    p = sub.add_parser("plan", help="will it fit? per-GPU memory of every stage and PPO group vs the GPU")
+    _add_config_args(p)
+    gpu = p.add_mutually_exclusive_group()
+    gpu.add_argument("--gpu", choices=GPUS, help="GPU kind (default: the config's gpu, else this machine's, else a100-80gb)")
+    gpu.add_argument("--gpu-memory-gib", type=float, metavar="N", help="GPU memory in GiB, instead of a kind")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     p = sub.add_parser("report", help="plots, token heat-map and report.md for a run folder")
     p.add_argument("run_dir")
     return parser
@@ -112,6 +120,10 @@ def dispatch(args: argparse.Namespace) -> dict | None:
         from tlcr_ray.eval.score_file import run_cli as run_score
 
         return run_score(cfg, args)
+    if args.command == "plan":
+        from tlcr_ray.plan import run_cli as run_plan
+
+        return run_plan(cfg, args)
     if args.command == "pipeline":
         from tlcr_ray.pipeline import run as run_pipeline
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from tlcr_ray.choices import GPUS
 from tlcr_ray.config_sections import (  # noqa: F401
     EMBEDDED_MODEL,
     ConfigError,
@@ -53,6 +54,10 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    gpu: str | None = field(default=None, metadata={"choices": GPUS, "aliases": {}})
+    """GPU kind of the cluster's workers (a100-40gb, a100-80gb, h100-80gb, h200-141gb), for the memory plan
+    that `tlcr ppo|sft|train-disc|train-rm` check before starting when they ask for GPUs (`tlcr_ray/plan.py`).
+    A driver that sees CUDA uses its own cuda:0 instead; None on a driver without CUDA: no check."""
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:

@@ -47,7 +47,7 @@ def test_cluster_yaml_scales_a100_workers_from_zero_with_token_auth():
     head = cfg["available_node_types"][cfg["head_node_type"]]
     assert not head["resources"].get("GPU")
     (worker_name, worker), = [(k, v) for k, v in cfg["available_node_types"].items() if k != cfg["head_node_type"]]
-    assert worker["node_config"]["InstanceType"] == "p4d.24xlarge"
+    assert worker["node_config"]["InstanceType"] == "p4de.24xlarge"  # 8x A100-80GB: what a100-7b.yaml is sized for
     assert worker["resources"]["GPU"] == 8
     assert worker["min_workers"] == 0
     assert worker["max_workers"] == cfg["max_workers"] > 0
@@ -294,3 +294,23 @@ def test_laptop_configs_have_the_same_shape_and_ask_for_no_gpu(name):
     for group in GROUPS:
         assert getattr(ppo, group).num_gpus == 0, f"{name}: ppo.{group} asks for a GPU"
     assert _nodes_needed(ppo, node_cpus=4, node_gpus=0) == 1, f"{name}: PPO should fit one 4-CPU laptop"
+
+
+# AWS instance type -> the GPU kind `tlcr plan` knows (8 GPUs each).
+INSTANCE_GPUS = {"p4d.24xlarge": "a100-40gb", "p4de.24xlarge": "a100-80gb", "p5.48xlarge": "h100-80gb",
+                 "p5en.48xlarge": "h200-141gb"}
+
+
+def test_a100_config_fits_the_gpu_memory_of_the_cluster_worker():
+    """Every stage of configs/a100-7b.yaml fits the worker's GPUs by `tlcr plan`, and the config's `gpu`
+    (what the stages check themselves against before starting) names that worker's GPU."""
+    from tlcr_ray.config import load_config
+    from tlcr_ray.plan import format_table, gpu_bytes, plan
+
+    cfg = load_config(REPO / "configs" / "a100-7b.yaml")
+    worker = _load(REPO / "cluster.yaml")["available_node_types"]["gpu_8x_a100"]
+    assert cfg.gpu == INSTANCE_GPUS[worker["node_config"]["InstanceType"]]
+    report = plan(cfg, gpu_bytes(cfg.gpu), gpu=cfg.gpu)
+    assert report["fits"], format_table(report, "configs/a100-7b.yaml")
+    for name, group in report["groups"].items():  # 10% left for the allocator and the estimate's error
+        assert group["margin"] >= 0.1 * report["gpu_memory_bytes"], f"{name}: " + format_table(report)

@@ -1,0 +1,50 @@
+"""The stages check `tlcr plan` before they start: a GPU config that cannot fit is a ConfigError (exit 2)
+naming the group, before Ray, any data or any model is touched."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tlcr_ray.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+A100 = REPO / "configs" / "a100-7b.yaml"
+
+
+@pytest.fixture(autouse=True)
+def no_local_cuda(monkeypatch):
+    """As on the cluster's CPU-only head node: the plan takes the GPU size from the config's `gpu`."""
+    monkeypatch.setattr("tlcr_ray.plan.local_cuda_memory", lambda: None)
+
+
+def test_supervised_stage_refuses_a_config_that_cannot_fit_before_ray_starts(tmp_path):
+    import ray
+
+    from actors.supervised import train_stage
+
+    cfg = load_config(A100, [f"output_dir={tmp_path}", "gpu=a100-40gb", "disc.micro_batch_size=64",
+                             "disc.max_len=4096"])
+    with pytest.raises(ConfigError, match=r"^disc does not fit a100-40gb: about .* GiB per GPU .* To fit: "):
+        train_stage(cfg, "disc")
+    assert not ray.is_initialized() and not any(tmp_path.iterdir())
+
+
+def test_ppo_refuses_a_learner_that_cannot_fit_before_ray_starts(tmp_path):
+    import ray
+
+    from actors.controller import run
+
+    with pytest.raises(ConfigError, match=r"^ppo\.learner does not fit a100-40gb: .*\(sync\).*num_actors 8 → 32"):
+        run(load_config(A100, [f"output_dir={tmp_path}", "gpu=a100-40gb"]))
+    assert not ray.is_initialized() and not any(tmp_path.iterdir())
+
+
+def test_the_shipped_gpu_config_passes_and_cpu_configs_are_not_checked(tmp_path):
+    from tlcr_ray.plan import require_fit
+
+    cfg = load_config(A100)
+    assert require_fit(cfg, ["sft", "disc", "rm", "ppo.rollout", "ppo.reward", "ppo.reference", "ppo.learner"],
+                       "all")["fits"]
+    tiny = load_config(REPO / "configs" / "tiny.yaml", ["gpu=a100-40gb"])  # asks for no GPU: nothing to check
+    assert not tiny.sft.use_gpu and all(getattr(tiny.ppo, g).num_gpus == 0 for g in ("rollout", "learner"))

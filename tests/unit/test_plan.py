@@ -1,0 +1,189 @@
+"""`tlcr plan`: model shapes, ZeRO model states against DeepSpeed's own estimators, the JSON of every
+shipped config, a config that cannot fit, the CLI's exit codes and the pre-start check."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tlcr_ray.cli import main
+from tlcr_ray.config import ConfigError, load_config
+from tlcr_ray.plan import GIB, engine_states, format_table, gpu_bytes, model_states, plan, require_fit
+from tlcr_ray.plan_models import TABLE, model_shape, shape_from_config
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = ["demo.yaml", "tiny.yaml", "a100-7b.yaml"]
+PER_GPU = {"model_states", "activations", "kv_cache", "buffers", "peak"}
+
+
+@pytest.mark.parametrize("base, params", [
+    ("meta-llama/Llama-2-7b-hf", 6_738_415_616), ("meta-llama/Llama-2-13b-chat-hf", 13_015_864_320),
+    ("meta-llama/Meta-Llama-3-8B", 8_030_261_248), ("mistralai/Mistral-7B-v0.1", 7_241_732_096),
+    ("Qwen/Qwen2.5-7B-Instruct", 7_615_616_512), ("embedded:smollm2-135m-instruct", 134_515_008),
+])
+def test_table_shapes_give_the_published_parameter_counts(base, params):
+    assert model_shape(base).params == params
+
+
+def test_a_config_json_gives_the_same_shape_as_the_table(tmp_path):
+    smol = TABLE[0][1]
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
+        "num_key_value_heads": 3, "intermediate_size": 1536, "vocab_size": 49152, "tie_word_embeddings": True,
+        "head_dim": 64}))
+    shape = model_shape(str(tmp_path))
+    assert (shape.params, shape.backbone_params, shape.source) == (smol.params, smol.backbone_params,
+                                                                   str(tmp_path / "config.json"))
+    with pytest.raises(ConfigError, match="intermediate_size"):
+        shape_from_config({"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1, "vocab_size": 9},
+                          "x", "x/config.json")
+
+
+def test_an_unknown_model_without_config_json_is_a_config_error():
+    with pytest.raises(ConfigError, match="acme/mystery-7b.*shape table"):
+        model_shape("acme/mystery-7b")
+
+
+# --- model states against DeepSpeed 0.19.8's estimators ----------------------------------------
+
+def _zero(shape, stage: int, gpus: int) -> int:
+    return model_states(engine_states(shape.params, shape.largest_module, 2, stage, gpus, on_gpu=True))
+
+
+@pytest.mark.parametrize("gpus_per_node, nodes", [(1, 1), (4, 1), (8, 1), (8, 2)])
+def test_bf16_model_states_agree_with_deepspeeds_estimators(gpus_per_node, nodes):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    shape, gpus = model_shape("meta-llama/Llama-2-7b-hf"), gpus_per_node * nodes
+    _, z2 = estimate_zero2_model_states_mem_needs(shape.params, gpus_per_node, nodes, cpu_offload=False)
+    assert _zero(shape, 2, gpus) == pytest.approx(z2, rel=0.01)  # both 2P + 18P/N
+    _, z3, largest = estimate_zero3_model_states_mem_needs(shape.params, shape.largest_module, gpus_per_node, nodes,
+                                                           cpu_offload=False, cpu_offload_params=False, zero_init=True)
+    ours = _zero(shape, 3, gpus)
+    # DeepSpeed's ZeRO-3 estimate counts 18 bytes/param/N; the 0.19.8 stage-3 optimizer also keeps the 16-bit
+    # grad partition (grad_partitions_flat_buffer) while it makes the fp32 grads at the step: 20P/N, where
+    # the fp32 grads are those of one sub-group (sub_group_size 1e9 elements) when a rank holds more.
+    assert largest == 4 * shape.largest_module
+    assert ours == pytest.approx(z3, rel=0.12)
+    fp32_grads = 4 * min(shape.params // gpus, 10**9)
+    assert ours - largest == pytest.approx(16 * shape.params / gpus + fp32_grads, rel=0.01)
+
+
+def test_seen_before_llama2_7b_on_8_gpus():
+    shape = model_shape("meta-llama/Llama-2-7b-hf")
+    assert _zero(shape, 2, 8) / GIB == pytest.approx(26.7, abs=0.1)
+    assert _zero(shape, 3, 8) / GIB == pytest.approx(16.2, abs=0.1)  # DeepSpeed's estimator: 14.6
+
+
+def test_zero3_per_gpu_model_states_are_about_one_nth_of_zero0():
+    cfg = load_config(REPO / "configs" / "a100-7b.yaml")
+    mem = gpu_bytes("h200-141gb")
+    for n in (8, 16, 32):  # a rank's share under sub_group_size (1e9): its fp32 grads are all its own
+        states = {z: plan(_set(cfg, {"sft.zero_stage": z, "sft.num_workers": n}), mem, groups=("sft",), knobs=False)
+                  ["groups"]["sft"]["per_gpu"]["model_states"] for z in (0, 1, 2, 3)}
+        assert states[3] == pytest.approx(states[0] / n, rel=0.005 * n)  # + 4 bytes per param of the largest module
+        assert states[0] > states[1] > states[2] > states[3]
+
+
+def _set(cfg, changes: dict):
+    from tlcr_ray.plan import _with
+
+    return _with(cfg, changes)
+
+
+# --- the JSON of every shipped config ------------------------------------------------------------
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_plan_json_schema_for_every_shipped_config(name, capsys):
+    assert main(["plan", "--config", str(REPO / "configs" / name), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert isinstance(report["gpu_memory_bytes"], int) and report["gpu_memory_bytes"] > 0
+    assert isinstance(report["fits"], bool)
+    assert set(report["groups"]) == {"sft", "disc", "rm", "ppo.rollout", "ppo.reward", "ppo.reference", "ppo.learner"}
+    for group in report["groups"].values():
+        assert isinstance(group["gpus"], int) and isinstance(group["fits"], bool)
+        assert set(group["per_gpu"]) == PER_GPU
+        assert all(isinstance(v, int) and v >= 0 for v in group["per_gpu"].values())
+        per = group["per_gpu"]
+        assert per["activations"] <= per["peak"] <= per["model_states"] + per["activations"] + per["kv_cache"] \
+            + per["buffers"]
+        assert group["per_gpu"]["peak"] == max(group["phases"].values())
+        assert group.get("cpu", False) == (group["gpus"] == 0)
+    if name != "a100-7b.yaml":  # CPU configs: planned as host processes
+        assert all(g["cpu"] and g["host_bytes"] > 0 for g in report["groups"].values())
+    else:
+        assert report["fits"] and report["gpu"] == "a100-80gb"  # the config's own `gpu`
+
+
+def test_a100_7b_plan_numbers():
+    report = plan(load_config(REPO / "configs" / "a100-7b.yaml"), gpu_bytes("a100-80gb"))
+    learner = report["groups"]["ppo.learner"]
+    assert learner["peak_phase"] == "sync"  # the whole-model gather + rank 0's clone
+    assert learner["breakdown"]["sync_gathered"] == 2 * report["model"]["params"]
+    rollout = report["groups"]["ppo.rollout"]
+    assert rollout["per_gpu"]["peak"] == int(0.85 * gpu_bytes("a100-80gb")) + 2 * GIB
+    assert rollout["inputs"]["kv_tokens"] > rollout["inputs"]["kv_tokens_needed"]
+    # The paper's 16 x 512 micro-batch would leave under 10% of an 80 GB GPU.
+    paper = plan(load_config(REPO / "configs" / "a100-7b.yaml", ["sft.micro_batch_size=16", "rm.micro_batch_size=16"]),
+                 gpu_bytes("a100-80gb"))["groups"]
+    assert paper["sft"]["margin"] < 0.1 * gpu_bytes("a100-80gb")
+    assert not paper["rm"]["fits"] and paper["rm"]["knobs"][0].startswith("rm.micro_batch_size 16 → 8")
+
+
+def test_cpu_groups_are_planned_against_host_ram():
+    report = plan(load_config(REPO / "configs" / "demo.yaml"), gpu_bytes("a100-80gb"), host_memory_bytes=2 * GIB)
+    assert not report["fits"] and not report["groups"]["ppo.learner"]["fits"]
+    assert report["cpu_ppo_total_bytes"] == sum(report["groups"][g]["host_bytes"] for g in report["groups"]
+                                                if g.startswith("ppo."))
+
+
+# --- a config that cannot fit ---------------------------------------------------------------------
+
+IMPOSSIBLE = ["--set", "sft.micro_batch_size=64", "--set", "sft.max_len=4096"]
+
+
+def test_an_impossible_config_does_not_fit_and_gets_knobs(capsys):
+    config = str(REPO / "configs" / "a100-7b.yaml")
+    assert main(["plan", "--config", config, "--gpu", "a100-40gb", "--json", *IMPOSSIBLE]) == 0
+    sft = json.loads(capsys.readouterr().out)["groups"]["sft"]
+    assert not sft["fits"] and sft["margin"] < 0
+    assert any("sft.micro_batch_size 64 → " in k for k in sft["knobs"])
+    assert any(k.startswith("gradient checkpointing (not yet available)") for k in sft["knobs"])
+    assert main(["plan", "--config", config, "--gpu-memory-gib", "40", *IMPOSSIBLE]) == 0
+    table = capsys.readouterr().out
+    assert "DOES NOT FIT" in table and "to fit sft: " in table and "sft.micro_batch_size 64 → " in table
+    assert "GPU: 40.0 GiB per GPU" in table
+
+
+def test_plan_cli_exit_codes(capsys):
+    assert main(["plan", "--config", str(REPO / "configs" / "a100-7b.yaml"), "--gpu", "h100-80gb"]) == 0
+    assert "Everything fits." in capsys.readouterr().out
+    assert main(["plan", "--config", str(REPO / "configs" / "a100-7b.yaml"), "--set", "model.base=acme/mystery-7b"]) == 2
+    assert "model.base 'acme/mystery-7b'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["plan", "--config", str(REPO / "configs" / "demo.yaml"), "--gpu", "v100"])
+    assert exc.value.code == 2
+
+
+# --- the check the stages run before starting ----------------------------------------------------
+
+def test_require_fit_refuses_naming_the_group_estimate_and_knobs(monkeypatch):
+    monkeypatch.setattr("tlcr_ray.plan.local_cuda_memory", lambda: None)  # as on a CPU-only head node
+    cfg = load_config(REPO / "configs" / "a100-7b.yaml", [a for a in IMPOSSIBLE if a != "--set"] + ["gpu=a100-40gb"])
+    with pytest.raises(ConfigError, match=r"sft does not fit a100-40gb: about \d+\.\d GiB per GPU .* the GPU has "
+                                          r"39\.4 GiB\. To fit: .*sft\.micro_batch_size 64 → "):
+        require_fit(cfg, ["sft"], "sft")
+    assert require_fit(load_config(REPO / "configs" / "a100-7b.yaml"), ["sft", "ppo.learner"], "x")["fits"]
+    no_gpu = load_config(REPO / "configs" / "a100-7b.yaml", ["gpu=null", "sft.micro_batch_size=64"])
+    assert require_fit(no_gpu, ["sft"], "sft") is None  # no CUDA here and no `gpu`: nothing to check against
+    assert require_fit(cfg, [], "ppo") is None  # a CPU config asks for no GPU group
+
+
+def test_the_table_names_every_group_and_the_verdict():
+    report = plan(load_config(REPO / "configs" / "a100-7b.yaml"), gpu_bytes("a100-80gb"), gpu="a100-80gb")
+    table = format_table(report, "configs/a100-7b.yaml")
+    for name in report["groups"]:
+        assert f"\n{name} " in table
+    assert "GPU: a100-80gb, 79.1 GiB per GPU" in table and "Everything fits." in table
