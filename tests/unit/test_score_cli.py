@@ -110,7 +110,7 @@ CHILD = textwrap.dedent("""
     from tlcr_ray.config import load_config
 
     if sys.argv[5] == "slow":  # a slow forward, so the parent can kill it mid-run
-        from tlcr_ray import scoring
+        from tlcr_ray.rl import text_scoring as scoring
         forward = scoring.response_probabilities
         def slow(*a, **k):
             time.sleep(0.3)
