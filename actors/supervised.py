@@ -76,7 +76,7 @@ def train_stage(cfg, stage: str) -> dict:
         torch_config=TorchConfig(backend="nccl" if train_cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
                                      resources_per_worker={"CPU": train_cfg.cpus_per_worker}),
-        run_config=RunConfig(name="ray", storage_path=str(stage_dir),
+        run_config=RunConfig(name=paths.ray_storage.name, storage_path=str(stage_dir),  # <stage>/ray
                              checkpoint_config=CheckpointConfig(num_to_keep=train_cfg.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=train_cfg.max_failures)),
     )
