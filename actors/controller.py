@@ -145,11 +145,11 @@ class PPOLoop:
     def checkpoint(self, state: dict) -> Path:
         with self.ckpts.writing(state["step"]) as tmp:
             get_all(self.groups.learners.save_checkpoint(str(tmp)))
-            write_json_atomic(tmp / "controller.json", saved_state(state, self.cfg.reward.mode))
+            write_json_atomic(tmp / "controller.json", saved_state(state, RunLayout.ppo_run_name(self.cfg)))
         return self.ckpts.latest()
 
     def run(self, state: dict) -> None:
-        with tqdm(total=self.ppo.steps, initial=state["step"], desc=f"ppo-{self.cfg.reward.mode}",
+        with tqdm(total=self.ppo.steps, initial=state["step"], desc=f"ppo-{RunLayout.ppo_run_name(self.cfg)}",
                   unit="step", dynamic_ncols=True) as bar:
             while state["step"] < self.ppo.steps:
                 row = self.step(state)
@@ -189,7 +189,7 @@ def run(cfg: Config, args=None) -> dict:
     require_fit(cfg, [f"ppo.{g}" for g in ("rollout", "reward", "reference", "learner")
                       if getattr(cfg.ppo, g).num_gpus > 0], "ppo")
     policy_dir, reward_dir = _resolve_paths(cfg)
-    paths = RunLayout.of(cfg).ppo(cfg.reward.mode)
+    paths = RunLayout.of(cfg).ppo(RunLayout.ppo_run_name(cfg))
     run_dir = paths.dir
     ckpts = CheckpointDir(paths.checkpoints, keep=cfg.ppo.keep_checkpoints)
     if cfg.ppo.resume == "never":

@@ -12,6 +12,8 @@ TOKEN_MODES = ("continuous", "fixed", "no_negative", "no_positive")
 """Reward modes computed from the discriminator's p per token (what the HTTP API offers)."""
 MODES = TOKEN_MODES + ("sequence",)
 """Every `reward.mode`; `sequence` is the PPO-seq baseline's sequence RM."""
+PPO_ALGORITHMS = ("ppo", "remax")
+"""`ppo.algorithm`: PPO with a critic, or ReMax (REINFORCE with the greedy response's reward as baseline)."""
 KL_ESTIMATORS = ("k1", "k3", "full")
 """`ppo.kl_estimator`."""
 LR_SCHEDULES = ("constant", "cosine")

@@ -151,6 +151,9 @@ def _check_across(cfg: "Config") -> None:
     if not reward.fixed_neg_threshold < reward.fixed_pos_threshold:
         raise ConfigError(f"reward.fixed_neg_threshold ({reward.fixed_neg_threshold}) must be below "
                           f"reward.fixed_pos_threshold ({reward.fixed_pos_threshold})")
+    if cfg.ppo.algorithm == "remax" and reward.mode != "sequence":
+        raise ConfigError(f"ppo.algorithm=remax scores whole responses with the sequence RM: set "
+                          f"reward.mode=sequence (not {reward.mode!r})")
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

@@ -14,6 +14,7 @@ from tlcr_ray.choices import (
     DTYPES,
     KL_ESTIMATORS,
     LR_SCHEDULES,
+    PPO_ALGORITHMS,
     MODES,
     ON_BAD_ROW,
     PRECISION_ALIASES,
@@ -169,6 +170,10 @@ class GroupResources:
 
 @dataclass
 class PPOConfig:
+    algorithm: str = choice("ppo", PPO_ALGORITHMS)
+    """`ppo` (clipped PPO with a critic) or `remax` (ReMax: REINFORCE on a sampled response with the
+    sequence RM's score of the greedy response as baseline, no critic; needs reward.mode=sequence).
+    A ReMax run writes `<output_dir>/ppo-remax`."""
     steps: int = bounded(20, ge=0)
     """PPO iterations (one rollout batch each)."""
     prompts_per_step: int = bounded(8, ge=1)

@@ -84,6 +84,11 @@ class RunLayout:
         d = self.root / stage
         return StagePaths(d, d / "model", d / "ray", d / "metrics.jsonl", d / "summary.json", d / "eval.json")
 
+    @staticmethod
+    def ppo_run_name(cfg) -> str:
+        """The name of a PPO run's folder (`ppo-<name>`): the reward mode, or `remax` for ReMax."""
+        return "remax" if cfg.ppo.algorithm == "remax" else cfg.reward.mode
+
     def ppo(self, mode: str) -> PPOPaths:
         d = self.root / f"ppo-{mode}"
         return PPOPaths(d, d / "model", d / "checkpoints", d / "metrics.jsonl")
