@@ -30,7 +30,7 @@ from tlcr_ray.models import load_tokenizer, resolve_model, vocabulary_mismatch
 from tlcr_ray.plan import require_fit
 from tlcr_ray.rl.batch import RolloutBatch, merge_batches, split_rows
 from tlcr_ray.rl.loop_state import initial_state, response_mask, sample_prompts, saved_state, step_metrics, sync_check
-from tlcr_ray.rl.ppo_math import KL_ESTIMATORS, advantages_from_rollout
+from tlcr_ray.rl.ppo_math import KL_ESTIMATORS, advantages_from_rollout, remax_advantages
 from tlcr_ray.rl.rewards import MODES, apply_missing_eos_penalty
 from tlcr_ray.tracking import CheckpointDir, MetricsLog
 
@@ -51,15 +51,18 @@ class PPOLoop:
         t_start = time.perf_counter()
         prompt_ids = sample_prompts(self.prompts, ppo.prompts_per_step, ppo.seed, state)
         seed = int(state["rng"].integers(2**31))
-        chunks = split_rows(len(prompt_ids), len(g.rollouts))
-        gen = get_all([r.generate.remote([prompt_ids[i] for i in rows], self.cfg.model.max_response_len,
-                                         ppo.temperature, ppo.top_p, seed + k, ppo.stop)
-                       for k, (r, rows) in enumerate(zip(g.rollouts, chunks))])
+        remax = ppo.algorithm == "remax"
+        sample_refs = self._generate(prompt_ids, ppo.temperature, seed)
+        # ReMax's baseline: each prompt's greedy response, generated beside the samples (docs/algorithm.md §10).
+        greedy_refs = self._generate(prompt_ids, 0.0, seed) if remax else []
+        gen, greedy = get_all(sample_refs), get_all(greedy_refs)
         batch = merge_batches([b for b, _ in gen])
         t_generated = time.perf_counter()
         batch_ref = ray.put(batch)
-        score_refs = [s.score.remote(batch_ref, self.pad_id, rows)
-                      for s, rows in zip(g.scorers, split_rows(len(prompt_ids), len(g.scorers)))]
+        score_refs = self._score(batch_ref, len(prompt_ids))
+        if remax:
+            greedy_batch = merge_batches([b for b, _ in greedy])
+            greedy_score_refs = self._score(ray.put(greedy_batch), len(prompt_ids))
         full_kl = ppo.kl_estimator == "full"
         ref_refs = [r.logprobs.remote(batch_ref, self.pad_id, rows, full_kl)
                     for r, rows in zip(g.references, split_rows(len(prompt_ids), len(g.references)))]
@@ -71,15 +74,21 @@ class PPOLoop:
         cat = lambda parts, key: torch.cat([p[key] for p in parts])  # noqa: E731
         rewards = cat(scores, "rewards")
         mask = response_mask(batch.response_ids, rewards.shape[1])
-        if ppo.truncated == "penalize":  # a row cut at max_response_len (no EOS) loses a fixed amount at its end
-            rewards = apply_missing_eos_penalty(rewards, mask, batch.finish_reasons, ppo.missing_eos_penalty)
+        rewards = self._penalized(rewards, mask, batch.finish_reasons)
         old_logprobs, ref_logprobs, values = cat(evals, "logprobs"), cat(refs, "logprobs"), cat(evals, "values")
-        adv = advantages_from_rollout(rewards, old_logprobs, ref_logprobs, values, mask,
-                                      kl_coef=ppo.kl_coef, gamma=ppo.gamma, lam=ppo.lam,
-                                      kl_estimator=ppo.kl_estimator, whiten=ppo.whiten_advantages,
-                                      logits=cat(evals, "logits") if full_kl else None,
-                                      ref_logits=cat(refs, "logits") if full_kl else None,
-                                      temperature=ppo.temperature)
+        kl_inputs = dict(kl_estimator=ppo.kl_estimator, logits=cat(evals, "logits") if full_kl else None,
+                         ref_logits=cat(refs, "logits") if full_kl else None, temperature=ppo.temperature)
+        baseline = None
+        if remax:  # the greedy response's total reward, by the same reward function as the sample's
+            greedy_rewards = cat(get_all(greedy_score_refs), "rewards")
+            greedy_mask = response_mask(greedy_batch.response_ids, greedy_rewards.shape[1])
+            baseline = self._penalized(greedy_rewards, greedy_mask, greedy_batch.finish_reasons).sum(1)
+            adv = remax_advantages(rewards, baseline, old_logprobs, ref_logprobs, mask, kl_coef=ppo.kl_coef,
+                                   gamma=ppo.gamma, **kl_inputs)
+        else:
+            adv = advantages_from_rollout(rewards, old_logprobs, ref_logprobs, values, mask, kl_coef=ppo.kl_coef,
+                                          gamma=ppo.gamma, lam=ppo.lam, whiten=ppo.whiten_advantages, **kl_inputs)
+        del kl_inputs
         entropy = cat(evals, "entropy")
         eval_seconds, ref_seconds = max(e["seconds"] for e in evals), max(r["seconds"] for r in refs)
         del done, evals, refs  # drops a full-KL step's [batch, R, vocab] logits before the update
@@ -94,10 +103,16 @@ class PPOLoop:
         t_end = time.perf_counter()
 
         n_tokens = mask.sum().item()
+        remax_metrics = {} if baseline is None else {
+            "reward_baseline": baseline.mean().item(),  # mean total reward of the greedy responses
+            "reward_minus_baseline": (rewards.sum(1) - baseline).mean().item(),
+            "response_len_greedy": greedy_mask.sum(1).float().mean().item(),
+        }
         return {
             **step_metrics(rewards, mask, adv, old_logprobs, ref_logprobs, values, entropy, batch.finish_reasons,
                            train),
-            "time_generate": max(s for _, s in gen),
+            **remax_metrics,
+            "time_generate": max(s for _, s in gen + greedy),
             "time_score": max(s["seconds"] for s in scores),
             "time_reference": ref_seconds,
             "time_learner_eval": eval_seconds,
@@ -112,6 +127,24 @@ class PPOLoop:
             "tokens_per_s": n_tokens / (t_end - t_start),
             **sync,
         }
+
+    def _generate(self, prompt_ids: list[list[int]], temperature: float, seed: int) -> list:
+        """Refs of one `generate` per rollout engine over its share of the prompts -> (RolloutBatch, seconds)."""
+        chunks = split_rows(len(prompt_ids), len(self.groups.rollouts))
+        return [r.generate.remote([prompt_ids[i] for i in rows], self.cfg.model.max_response_len,
+                                          temperature, self.ppo.top_p, seed + k, self.ppo.stop)
+                for k, (r, rows) in enumerate(zip(self.groups.rollouts, chunks))]
+
+    def _score(self, batch_ref, n_rows: int) -> list:
+        """Object refs of the reward scorers' results over their shares of a batch's rows."""
+        return [s.score.remote(batch_ref, self.pad_id, rows)
+                for s, rows in zip(self.groups.scorers, split_rows(n_rows, len(self.groups.scorers)))]
+
+    def _penalized(self, rewards: torch.Tensor, mask: torch.Tensor, finish_reasons: list[str]) -> torch.Tensor:
+        """With ppo.truncated=penalize, a row cut at max_response_len (no EOS) loses a fixed amount at its end."""
+        if self.ppo.truncated != "penalize":
+            return rewards
+        return apply_missing_eos_penalty(rewards, mask, finish_reasons, self.ppo.missing_eos_penalty)
 
     def sync_weights(self, batch: RolloutBatch, check: bool) -> dict:
         """Updated learner weights -> every rollout engine.

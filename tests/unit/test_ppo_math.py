@@ -11,6 +11,7 @@ from tlcr_ray.rl.ppo_math import (
     kl_penalty,
     masked_whiten,
     policy_loss,
+    remax_advantages,
     shaped_rewards,
     value_loss,
 )
@@ -118,3 +119,24 @@ def test_reward_kl_and_advantage_share_the_action_index():
     # With zero values the advantage is the reward-to-go, so it steps by R exactly at the planted action.
     assert torch.isclose(adv[0, 2] - adv[0, 3], R[0, 2]) and torch.isclose(adv[1, 0] - adv[1, 1], R[1, 0])
     assert R[0, 2] < -0.5 and R[1, 0] < -0.5 and (R[0, :2] > 0.5).all()
+
+
+def test_remax_advantage_is_sample_minus_greedy_reward_per_sequence():
+    """kl_coef 0, gamma 1: every token of a row gets r(sample) - r(greedy); padding stays 0."""
+    rewards = torch.tensor([[0.0, 0.0, 2.0], [0.0, -1.0, 0.0]])  # sequence RM scores on the last token
+    baseline = torch.tensor([0.5, 1.0])                          # the greedy responses' rewards
+    lp = torch.zeros(2, 3)
+    out = remax_advantages(rewards, baseline, lp, lp, MASK, kl_coef=0.0, gamma=1.0)
+    assert torch.allclose(out["advantages"], torch.tensor([[1.5, 1.5, 1.5], [-2.0, -2.0, 0.0]]))
+    assert torch.equal(out["returns"], out["advantages"])  # no critic: nothing else to regress on
+
+
+def test_remax_advantage_with_kl_penalty_is_the_return_minus_the_baseline():
+    rewards = torch.tensor([[0.0, 0.0, 2.0], [0.0, 1.0, 0.0]])
+    baseline = torch.tensor([1.0, 0.25])
+    logprobs = torch.tensor([[-1.0, -2.0, -1.0], [-1.0, -1.0, -7.0]])
+    ref = torch.tensor([[-1.5, -1.0, -1.0], [-2.0, -1.0, 0.0]])  # k1 KL: [[0.5, -1, 0], [1, 0, pad]]
+    out = remax_advantages(rewards, baseline, logprobs, ref, MASK, kl_coef=0.1, gamma=1.0)
+    # row 0: R = (-0.05, 0.1, 2) -> returns (2.05, 2.1, 2) minus b = 1; row 1: R = (-0.1, 1) - b 0.25
+    assert torch.allclose(out["advantages"], torch.tensor([[1.05, 1.1, 1.0], [0.65, 0.75, 0.0]]))
+    assert torch.allclose(out["kl"], torch.tensor([[0.5, -1.0, 0.0], [1.0, 0.0, 0.0]]))

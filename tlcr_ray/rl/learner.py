@@ -1,4 +1,4 @@
-"""One data-parallel PPO learner rank: actor (policy) + critic (value head), each a DeepSpeed engine.
+"""One data-parallel PPO learner rank: actor (policy) + critic (value head), DeepSpeed engines (ReMax: no critic).
 
     learner = PPOLearner("runs/demo/sft/model", ppo_cfg, rank=0, world_size=1,
                          init_method="file:///tmp/tlcr-rdzv", critic_dir="runs/demo/disc/model")
@@ -71,11 +71,17 @@ class PPOLearner:
                                    auto_mpi_discovery=False, verbose=False)
         self.policy_dir = policy_dir
         policy = load_policy(policy_dir, dtype=dtype)
-        # A head-model folder gives backbone + head weights; the policy folder a fresh head.
-        self.critic_dir = critic_dir or policy_dir
-        critic = load_value_model(self.critic_dir, dtype=dtype, seed=ppo_cfg.seed)
         self.actor = self._engine(policy, ppo_cfg.actor_lr, dtype)
-        self.critic = self._engine(critic, ppo_cfg.critic_lr, dtype)
+        self.critic = None  # ReMax (ppo.algorithm remax) has no critic: its baseline is the greedy reward
+        if ppo_cfg.algorithm != "remax":
+            # A head-model folder gives backbone + head weights; the policy folder a fresh head.
+            critic = load_value_model(critic_dir or policy_dir, dtype=dtype, seed=ppo_cfg.seed)
+            self.critic = self._engine(critic, ppo_cfg.critic_lr, dtype)
+
+    @property
+    def engines(self) -> dict:
+        """{"actor": engine, "critic": engine} (no critic under ReMax), in checkpoint order."""
+        return {"actor": self.actor} if self.critic is None else {"actor": self.actor, "critic": self.critic}
 
     def _engine(self, model, lr: float, dtype: str):
         import deepspeed
@@ -108,7 +114,9 @@ class PPOLearner:
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.entropy_coef > 0):
             entropy = -(logp.exp() * logp).sum(-1)
         values = None
-        if with_values:
+        if with_values and self.critic is None:  # ReMax: no value function; zeros keep the batch layout
+            values = torch.zeros_like(logprobs)
+        elif with_values:
             P, R = packed.prompt_len, packed.response_ids.shape[1]
             # Value of the state BEFORE action t sits one column left of the token, like its logits.
             values = self.critic(packed.input_ids.to(self.device),
@@ -123,8 +131,8 @@ class PPOLearner:
         packed = pack(batch.prompt_ids, batch.response_ids, pad_id)
         rows = list(shard_rows(len(batch.prompt_ids), self.rank, self.world_size))
         part = select_rows(packed, rows)
-        self.actor.eval()
-        self.critic.eval()
+        for engine in self.engines.values():
+            engine.eval()
         logits, logprobs, entropy, values = self._forward(part)
         mask = part.response_mask
         out = {"logprobs": logprobs.float().cpu() * mask, "values": values.float().cpu() * mask,
@@ -143,10 +151,10 @@ class PPOLearner:
         micro = max(1, self.cfg.mini_batch_size // self.world_size)
         # Every rank must run the same number of optimizer steps (each step all-reduces).
         n_minibatches = minibatches_per_epoch(len(batch.prompt_ids), self.cfg.mini_batch_size, self.world_size)
-        lrs = {"actor_lr": self.actor.get_lr()[0], "critic_lr": self.critic.get_lr()[0]}  # this update's
+        lrs = {f"{name}_lr": engine.get_lr()[0] for name, engine in self.engines.items()}  # this update's
         generator = torch.Generator().manual_seed(self.cfg.seed * 7919 + len(rows))
-        self.actor.train()
-        self.critic.train()
+        for engine in self.engines.values():
+            engine.train()
         totals: dict[str, float] = {}
         count = 0
         for _ in range(self.cfg.ppo_epochs):
@@ -171,15 +179,17 @@ class PPOLearner:
         entropy_mean = masked_mean(entropy, mask)
         self.actor.backward(pg_loss - self.cfg.entropy_coef * entropy_mean if self.cfg.entropy_coef else pg_loss)
         self.actor.step()
+        stats = {"policy_loss": pg_loss.item(), "clip_frac": clipfrac.item(), "approx_kl": approx_kl.item(),
+                 "entropy": entropy_mean.item()}
+        if self.critic is None:
+            return stats
         P, R = part.prompt_len, part.response_ids.shape[1]
         values = self.critic(part.input_ids.to(self.device), part.attention_mask.to(self.device))[:, P - 1:P + R - 1]
         vf_loss, vf_clipfrac = value_loss(values.float(), old_values.to(self.device), returns.to(self.device),
                                           mask, self.cfg.value_clip)
         self.critic.backward(vf_loss)
         self.critic.step()
-        return {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(), "clip_frac": clipfrac.item(),
-                "value_clip_frac": vf_clipfrac.item(), "approx_kl": approx_kl.item(),
-                "entropy": entropy_mean.item()}
+        return {**stats, "value_loss": vf_loss.item(), "value_clip_frac": vf_clipfrac.item()}
 
     # ------------------------------------------------------------------ weights and checkpoints
     def full_state_dict(self, device: str = "cpu") -> dict[str, torch.Tensor] | None:
@@ -233,15 +243,15 @@ class PPOLearner:
         return [row[:len(r)] for row, r in zip(logp.tolist(), response_ids)]
 
     def save_checkpoint(self, folder: str) -> None:
-        """DeepSpeed state of both engines (collective) + the policy as an HF folder (rank 0)."""
+        """DeepSpeed state of the engines (collective) + the policy as an HF folder (rank 0)."""
         folder = Path(folder)
-        self.actor.save_checkpoint(str(folder / "actor"), tag="ds")
-        self.critic.save_checkpoint(str(folder / "critic"), tag="ds")
+        for name, engine in self.engines.items():
+            engine.save_checkpoint(str(folder / name), tag="ds")
         self.export_hf(str(folder / "hf"))
 
     def load_checkpoint(self, folder: str) -> None:
         folder = Path(folder)
-        for engine, name in ((self.actor, "actor"), (self.critic, "critic")):
+        for name, engine in self.engines.items():
             try:
                 path, _ = engine.load_checkpoint(str(folder / name), tag="ds")
             except AttributeError as exc:

@@ -149,3 +149,29 @@ def advantages_from_rollout(rewards: torch.Tensor, logprobs: torch.Tensor, ref_l
     if whiten:
         advantages = masked_whiten(advantages, mask)
     return {"kl": kl, "shaped_rewards": shaped, "advantages": advantages, "returns": returns}
+
+
+def remax_advantages(rewards: torch.Tensor, baseline: torch.Tensor, logprobs: torch.Tensor,
+                     ref_logprobs: torch.Tensor, mask: torch.Tensor, *, kl_coef: float, gamma: float,
+                     kl_estimator: str = "k1", logits: torch.Tensor | None = None,
+                     ref_logits: torch.Tensor | None = None, temperature: float = 1.0) -> dict[str, torch.Tensor]:
+    """ReMax (docs/algorithm.md §10): REINFORCE with the greedy response's reward as the baseline.
+
+    rewards, logprobs, ref_logprobs, mask: [batch, R] for the sampled responses; baseline: [batch], the
+    total reward of each prompt's greedy response. With R_t = r_t - beta * KL_t as in PPO:
+
+        A_t = sum_{t' >= t} gamma^(t'-t) R_t'  -  gamma^(T-t) * b       (no critic, no whitening)
+
+    i.e. the baseline is subtracted from the last token's reward before the (value-free) return; at
+    kl_coef 0 and gamma 1, A_t = r(sample) - r(greedy) on every token of the row.
+    -> {"kl", "shaped_rewards", "advantages", "returns"} like `advantages_from_rollout` (returns = advantages).
+    """
+    kl = token_kl(kl_estimator, logprobs, ref_logprobs, logits, ref_logits, temperature) * mask
+    shaped = shaped_rewards(rewards, kl, mask, kl_coef)
+    lengths = mask.sum(1).long()
+    last = (lengths - 1).clamp(min=0)
+    rows = torch.arange(rewards.shape[0])
+    centred = shaped.clone()
+    centred[rows, last] -= baseline.float() * (lengths > 0)
+    advantages, _ = gae(centred, torch.zeros_like(centred), mask, gamma, 1.0)
+    return {"kl": kl, "shaped_rewards": shaped, "advantages": advantages, "returns": advantages}
