@@ -3,10 +3,13 @@
     tlcr sft        --config configs/demo.yaml
     tlcr train-disc --config configs/demo.yaml
     tlcr train-rm   --config configs/demo.yaml
+    tlcr dpo        --config configs/demo.yaml     # baseline: DPO on the reward pairs, SFT model as reference
+    tlcr figa       --config configs/demo.yaml     # baseline: FIGA on the Levenshtein labels
 
 Each stage writes <output_dir>/<stage>/: ray/ (Ray Train storage: the last K DeepSpeed checkpoints),
 metrics.jsonl and tb/ (loss, lr, accuracy, tokens/s per optimizer step), model/ (the final HF folder)
-and summary.json. Rerunning a stage restores its latest checkpoint and continues from that step.
+and summary.json (DPO also reference_logps.json, computed once before training). Rerunning a stage
+restores its latest checkpoint and continues from that step.
 """
 from __future__ import annotations
 
@@ -47,6 +50,14 @@ def run_rm(cfg, args=None) -> dict:
     return train_stage(cfg, "rm")
 
 
+def run_dpo(cfg, args=None) -> dict:
+    return train_stage(cfg, "dpo")
+
+
+def run_figa(cfg, args=None) -> dict:
+    return train_stage(cfg, "figa")
+
+
 def train_stage(cfg, stage: str) -> dict:
     """Train one stage end to end on Ray Train and return its summary."""
     train_cfg: TrainConfig = getattr(cfg, stage)
@@ -67,7 +78,8 @@ def train_stage(cfg, stage: str) -> dict:
     env = {k: os.environ[k] for k in ("TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE") if k in os.environ}
     spec = LoopSpec(stage=stage, train_cfg=train_cfg, init=init, tokenizer=tokenizer_path, train=train,
                     heldout=heldout, total_steps=steps, stage_dir=str(stage_dir),
-                    fail_at_step=int(os.environ.get(FAIL_AT_STEP_ENV, 0)))
+                    fail_at_step=int(os.environ.get(FAIL_AT_STEP_ENV, 0)),
+                    reference_logps=str(RunLayout.of(cfg).dpo_reference_logps.resolve()) if stage == "dpo" else None)
     # The examples travel once through the object store, not inside the pickled loop config.
     loop_config = {"spec": ray.put(spec), "env": env}
     trainer = TorchTrainer(

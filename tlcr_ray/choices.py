@@ -14,6 +14,11 @@ MODES = TOKEN_MODES + ("sequence",)
 """Every `reward.mode`; `sequence` is the PPO-seq baseline's sequence RM."""
 PPO_ALGORITHMS = ("ppo", "remax")
 """`ppo.algorithm`: PPO with a critic, or ReMax (REINFORCE with the greedy response's reward as baseline)."""
+METHODS = ("sft", "dpo", "ppo-seq", "remax", "figa", "tlcr-fixed", "tlcr", "tlcr-no-negative", "tlcr-no-positive")
+"""`pipeline.methods`: the policies one pipeline trains from the same SFT model and the report compares
+(`tlcr_ray/methods.py` maps each to its stage and run folder); the first seven are the paper's Table 1."""
+DEFAULT_METHODS = METHODS[:7]
+"""The default `pipeline.methods`: SFT, DPO, PPO-seq, ReMax, FIGA, TLCR-fixed and TLCR."""
 KL_ESTIMATORS = ("k1", "k3", "full")
 """`ppo.kl_estimator`."""
 LR_SCHEDULES = ("constant", "cosine")

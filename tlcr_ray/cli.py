@@ -4,8 +4,10 @@
     tlcr sft        --config configs/demo.yaml
     tlcr train-disc --config configs/demo.yaml
     tlcr train-rm   --config configs/demo.yaml
+    tlcr dpo        --config configs/demo.yaml          # baselines: DPO and FIGA from the SFT model
+    tlcr figa       --config configs/demo.yaml
     tlcr ppo        --config configs/demo.yaml          # also: python -m tlcr_ray.cli ppo ... (ray job submit)
-    tlcr eval       disc|rm|mt-bench|alpaca-eval --config ...
+    tlcr eval       disc|rm|dpo|mt-bench|alpaca-eval|judge-table --config ...
     tlcr serve      --checkpoint runs/demo/disc/model [--host 127.0.0.1 --port 8000]
     tlcr score      --checkpoint runs/demo/disc/model --input pairs.jsonl --output scores.jsonl
     tlcr pipeline   --config configs/demo.yaml [--force]
@@ -31,16 +33,19 @@ from tlcr_ray.eval.score_file import add_arguments as add_score_arguments
 from tlcr_ray.local_ray import set_process_defaults, stop_on_signals
 
 # Config-driven subcommand -> (module, function, help). Functions take (cfg, args) and return a
-# JSON-able summary; `eval-disc`/`eval-rm` and `report` are the pipeline's names for `eval` and `report`.
+# JSON-able summary; `eval-<target>` and `report` are the pipeline's names for `eval` and `report`.
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "label": ("tlcr_ray.labeling.stage", "run", "revise rejected responses and write Levenshtein token labels"),
     "sft": ("actors.supervised", "run_sft", "supervised fine-tuning on chosen responses (Ray Train + DeepSpeed)"),
     "train-disc": ("actors.supervised", "run_disc", "train the token-level discriminator on the labels"),
     "train-rm": ("actors.supervised", "run_rm", "train the sequence-level Bradley-Terry reward model (baseline)"),
-    "ppo": ("actors.controller", "run", "PPO with token-level rewards on Ray actor groups"),
+    "dpo": ("actors.supervised", "run_dpo", "DPO baseline on the reward pairs, the SFT model as reference"),
+    "figa": ("actors.supervised", "run_figa", "FIGA baseline: fine-grained weighted SFT on the token labels"),
+    "ppo": ("actors.controller", "run", "PPO with token-level rewards on Ray actor groups (or ReMax)"),
 }
-EVAL_TARGETS = {"disc": "tlcr_ray.eval.heldout", "rm": "tlcr_ray.eval.heldout",
-                "mt-bench": "tlcr_ray.eval.benchmarks", "alpaca-eval": "tlcr_ray.eval.benchmarks"}
+EVAL_TARGETS = {"disc": "tlcr_ray.eval.heldout", "rm": "tlcr_ray.eval.heldout", "dpo": "tlcr_ray.eval.heldout",
+                "mt-bench": "tlcr_ray.eval.benchmarks", "alpaca-eval": "tlcr_ray.eval.benchmarks",
+                "judge-table": "tlcr_ray.eval.judge_table"}
 
 
 def _resolve(spec: tuple[str, str, str]) -> Callable:
@@ -62,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pipeline", help="every stage from one config, skipping finished ones")
     _add_config_args(p)
     p.add_argument("--force", action="store_true", help="rerun stages whose output exists")
-    p = sub.add_parser("eval", help="evaluate: disc, rm, mt-bench or alpaca-eval")
+    p = sub.add_parser("eval", help="evaluate: disc, rm, dpo, mt-bench, alpaca-eval or judge-table (every method)")
     p.add_argument("target", choices=list(EVAL_TARGETS))
     _add_config_args(p)
     p.add_argument("--model", help="model folder to evaluate (mt-bench / alpaca-eval)")
@@ -89,12 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_stage(command: str, cfg: Config, args: argparse.Namespace | None = None) -> dict | None:
-    """Run one stage by its CLI name; `eval-disc`/`eval-rm` and `report` are the pipeline's extra names."""
+    """Run one stage by its CLI name; `eval-<target>` and `report` are the pipeline's extra names."""
     args = args or argparse.Namespace(target=None, model=None, judge_base_url=None, judge_model=None, limit=None)
     if command in COMMANDS:
         return _resolve(COMMANDS[command])(cfg, args)
-    if command in ("eval-disc", "eval-rm"):
-        args.target = command.split("-", 1)[1]
+    if command.startswith("eval-") and command.removeprefix("eval-") in EVAL_TARGETS:
+        args.target = command.removeprefix("eval-")
         return importlib.import_module(EVAL_TARGETS[args.target]).run_cli(cfg, args)
     if command == "report":
         from tlcr_ray.eval.report import write_report

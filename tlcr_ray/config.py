@@ -21,11 +21,14 @@ from typing import Any
 import yaml
 
 from tlcr_ray.choices import GPUS
+from tlcr_ray.methods import ppo_modes_of, resolve_methods
 from tlcr_ray.config_sections import (  # noqa: F401
     EMBEDDED_MODEL,
     ConfigError,
     DataConfig,
+    DPOConfig,
     EvalConfig,
+    FIGAConfig,
     GroupResources,
     ModelConfig,
     PipelineConfig,
@@ -49,6 +52,10 @@ class Config:
     sft: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-5))
     disc: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-5, weight_decay=0.1))
     rm: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-5))
+    dpo: DPOConfig = field(default_factory=lambda: DPOConfig(lr=1e-6))
+    """The DPO baseline; lr 1e-6 as the DPO paper (docs/algorithm.md §10)."""
+    figa: FIGAConfig = field(default_factory=lambda: FIGAConfig(lr=1e-5))
+    """The FIGA baseline; lr 1e-5 as the released FIGA script (docs/algorithm.md §10)."""
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
@@ -151,6 +158,11 @@ def _check_across(cfg: "Config") -> None:
     if not reward.fixed_neg_threshold < reward.fixed_pos_threshold:
         raise ConfigError(f"reward.fixed_neg_threshold ({reward.fixed_neg_threshold}) must be below "
                           f"reward.fixed_pos_threshold ({reward.fixed_pos_threshold})")
+    try:
+        cfg.pipeline.methods = resolve_methods(cfg.pipeline)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    cfg.pipeline.ppo_modes = ppo_modes_of(cfg.pipeline.methods)
     if cfg.ppo.algorithm == "remax" and reward.mode != "sequence":
         raise ConfigError(f"ppo.algorithm=remax scores whole responses with the sequence RM: set "
                           f"reward.mode=sequence (not {reward.mode!r})")

@@ -14,9 +14,10 @@ from tlcr_ray.choices import (
     DTYPES,
     KL_ESTIMATORS,
     LR_SCHEDULES,
-    PPO_ALGORITHMS,
+    METHODS,
     MODES,
     ON_BAD_ROW,
+    PPO_ALGORITHMS,
     PRECISION_ALIASES,
     PRECISIONS,
     RESUME,
@@ -141,6 +142,33 @@ class TrainConfig:
     """Worker crashes Ray Train recovers from (restarting from the latest checkpoint)."""
     labels_path: str | None = None
     """Discriminator only: token labels JSONL (None: `<output_dir>/label/labels.jsonl`)."""
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """The DPO baseline (Rafailov et al., 2023) on the reward partition's pairs; docs/algorithm.md §10."""
+
+    beta: float = bounded(0.1, gt=0.0)
+    """beta of the DPO loss -log sigmoid(beta * ((log pi - log pi_ref)(chosen) - (log pi - log pi_ref)(rejected)))."""
+    max_pairs: int | None = bounded(None, ge=1)
+    """Use only the first N pairs of the reward partition, train and held-out together (None: all). The
+    reference log-probs are computed for every pair used, once, before training."""
+
+
+@dataclass
+class FIGAConfig(TrainConfig):
+    """The FIGA baseline (Guo et al., ICLR 2024) on the Levenshtein labels; docs/algorithm.md §10. The
+    defaults are the released code's (RUCAIBox/FIGA, modeling_llama.py)."""
+
+    alpha: float = bounded(1.0, ge=0.0)
+    """Weight of the revised response's added/substituted tokens (label 1) and of its final EOS."""
+    beta: float = bounded(0.5, ge=0.0)
+    """Weight of the unlikelihood term on the rejected response's deleted/substituted tokens (label 0)."""
+    gamma: float = bounded(0.0, ge=0.0)
+    """Weight of the revised response's unchanged tokens (label 0.5); the rejected side's unchanged tokens get 0."""
+    bad_token_max_ce: float | None = bounded(0.6, gt=0.0)
+    """A rejected token is penalised only while the policy's cross-entropy on it is at most this (i.e. its
+    probability is at least exp(-0.6) = 0.55), as the released code; None: always."""
 
 
 @dataclass
@@ -319,9 +347,15 @@ class EvalConfig:
 class PipelineConfig:
     """`tlcr pipeline`: every stage from one config; a stage whose output exists is skipped."""
 
-    ppo_modes: list[str] = field(default_factory=lambda: ["continuous", "sequence", "fixed"],
-                                 metadata={"choices": MODES, "aliases": {}})
-    """PPO runs to compare: TLCR (continuous), PPO-seq (sequence) and TLCR-fixed."""
+    methods: list[str] | None = field(default=None, metadata={"choices": METHODS, "aliases": {}})
+    """The policies to train from the same SFT model and compare (None: the paper's seven, sft, dpo,
+    ppo-seq, remax, figa, tlcr-fixed, tlcr; also tlcr-no-negative, tlcr-no-positive). Each maps to a stage (`tlcr_ray/methods.py`): ppo-seq is PPO
+    with reward.mode=sequence, remax is ppo.algorithm=remax, tlcr-fixed / tlcr are PPO with fixed /
+    continuous token rewards; sft, dpo and figa are supervised stages."""
+    ppo_modes: list[str] | None = field(default=None, metadata={"choices": MODES, "aliases": {}})
+    """The older spelling: reward modes of plain PPO runs. Set alone, the pipeline runs SFT and these
+    PPO runs only; set with `methods`, it must name exactly the methods' PPO modes (else a load error).
+    After loading it always holds the modes `methods` implies."""
     eval_prompts: int = 16
     """Held-out RL prompts for the report's reward table (SFT vs each PPO policy)."""
     eval_seeds: list[int] = field(default_factory=lambda: [0])

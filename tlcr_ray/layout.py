@@ -10,10 +10,12 @@ override them. One file answers "what does stage X read and write".
     <output_dir>/
       config.yaml  pipeline.json                       the pipeline's saved config and stage times
       label/       revisions.jsonl quarantine.jsonl labels.jsonl summary.json
-      sft/ disc/ rm/                                   supervised stages: model/ metrics.jsonl tb/ ray/ summary.json
-                                                       (+ eval.json for disc and rm: held-out evaluation)
-      ppo-<mode>/  metrics.jsonl tb/ checkpoints/step-N/ model/
+      sft/ disc/ rm/ dpo/ figa/                        supervised stages: model/ metrics.jsonl tb/ ray/ summary.json
+                                                       (+ eval.json for disc, rm and dpo: held-out evaluation;
+                                                       dpo/reference_logps.json: the reference's log-probs)
+      ppo-<mode>/ ppo-remax/  metrics.jsonl tb/ checkpoints/step-N/ model/
       eval/        <bench>.json <bench>/{answers,judgments}.jsonl      MT-Bench / AlpacaEval
+                   judge-table.json judge-table/                       Table 1: every method, one judge
       report/      report.md reward_table.json heatmap.html *.png
 """
 from __future__ import annotations
@@ -21,7 +23,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
-SUPERVISED_STAGES = ("sft", "disc", "rm")
+SUPERVISED_STAGES = ("sft", "disc", "rm", "dpo", "figa")
+POLICY_STAGES = ("sft", "dpo", "figa")
+"""The supervised stages that train the causal LM itself (the others train a head on its backbone)."""
 REPO_ROOT = Path(__file__).resolve().parent.parent
 """The checkout: shipped data (data/) and the Ray layers (actors/, serve/) live beside tlcr_ray/."""
 
@@ -69,6 +73,10 @@ class RunLayout:
         self.reward_model = Path(reward_model) if reward_model else self.stage("rm").model
         # A string: ppo.policy may be a hub id or `embedded:...`.
         self.initial_policy = policy or str(self.sft_model)
+
+        # DPO's reference: the SFT model's summed response log-probs, computed once per run (docs/algorithm.md §10).
+        self.dpo_reference_logps = self.stage("dpo").dir / "reference_logps.json"
+        self.judge_table = self.bench("judge-table")
 
         self.report_dir = report = root / "report"
         self.report, self.reward_table = report / "report.md", report / "reward_table.json"

@@ -1,4 +1,5 @@
-"""`tlcr pipeline`: label → SFT → discriminator → RM → eval → PPO per mode → report, from one config.
+"""`tlcr pipeline`: label → SFT → discriminator → RM → eval → every method of `pipeline.methods` (DPO,
+FIGA, one PPO or ReMax run per PPO method) → [judge table] → report, from one config.
 
     tlcr pipeline --config configs/demo.yaml [--force]
 
@@ -22,6 +23,7 @@ import yaml
 from tlcr_ray.config import Config, to_dict
 from tlcr_ray.io import read_json, write_json_atomic, write_text_atomic
 from tlcr_ray.layout import RunLayout
+from tlcr_ray.methods import METHODS, Method, resolve_methods
 
 RunStage = Callable[[str, Config], dict | None]
 
@@ -40,20 +42,35 @@ class Stage:
 def pipeline_stages(cfg: Config) -> list[Stage]:
     """The stages of a full run, in order."""
     layout = RunLayout(Path(cfg.output_dir))  # the pipeline's own folders: overrides point elsewhere
+    methods = [METHODS[m] for m in resolve_methods(cfg.pipeline)]
     stages = [
         Stage("label", "label", layout.label_output, cfg),
         Stage("sft", "sft", layout.sft_model, cfg),
         Stage("train-disc", "train-disc", layout.stage("disc").model, cfg),
         Stage("eval-disc", "eval-disc", layout.stage("disc").eval, cfg),
     ]
-    if "sequence" in cfg.pipeline.ppo_modes:
+    if any(m.mode == "sequence" for m in methods):  # PPO-seq and ReMax score with the sequence RM
         stages.append(Stage("train-rm", "train-rm", layout.stage("rm").model, cfg))
         stages.append(Stage("eval-rm", "eval-rm", layout.stage("rm").eval, cfg))
-    for mode in cfg.pipeline.ppo_modes:
-        mode_cfg = copy.deepcopy(cfg)
-        mode_cfg.reward.mode = mode
-        stages.append(Stage(f"ppo-{mode}", "ppo", layout.ppo(mode).model, mode_cfg))
+    stages += method_stages(cfg, layout, methods)
+    if cfg.eval.judge_base_url:  # Table 1: every method's MT-Bench and TLCR's AlpacaEval win rates
+        stages.append(Stage("judge-table", "eval-judge-table", layout.judge_table.result, cfg))
     stages.append(Stage("report", "report", layout.report, cfg))
+    return stages
+
+
+def method_stages(cfg: Config, layout: RunLayout, methods: list[Method]) -> list[Stage]:
+    """The stages that train each method from the SFT model: the supervised baselines first (DPO with its
+    held-out evaluation, FIGA), then one PPO run per PPO method, in `pipeline.methods` order."""
+    stages = []
+    for m in (m for m in methods if m.stage and m.stage != "sft"):
+        stages.append(Stage(m.stage, m.stage, m.model(layout), cfg))
+        if m.stage == "dpo":
+            stages.append(Stage("eval-dpo", "eval-dpo", layout.stage("dpo").eval, cfg))
+    for m in (m for m in methods if m.mode):
+        run_cfg = copy.deepcopy(cfg)
+        run_cfg.reward.mode, run_cfg.ppo.algorithm = m.mode, m.algorithm
+        stages.append(Stage(m.run_name, "ppo", m.model(layout), run_cfg))
     return stages
 
 

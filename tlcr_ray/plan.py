@@ -49,6 +49,7 @@ import functools
 import math
 
 from tlcr_ray.config import ConfigError
+from tlcr_ray.layout import POLICY_STAGES
 from tlcr_ray.plan_models import ModelShape, gpu_bytes, host_memory, local_cuda_memory, model_shape
 
 GIB = 2**30
@@ -121,12 +122,13 @@ def _result(gpus, device, phases: dict, states: int, act: int, kv: int, buffers:
 
 
 def plan_stage(cfg, stage: str, m: ModelShape, checkpointing: bool = False) -> dict:
-    """SFT / disc / RM on Ray Train: each of num_workers ranks runs one DeepSpeed engine."""
+    """SFT / disc / RM / DPO / FIGA on Ray Train: each of num_workers ranks runs one DeepSpeed engine."""
     t = getattr(cfg, stage)
     e, z, on_gpu = ELEM[t.precision], t.zero_stage, t.use_gpu
-    st = engine_states(m.params if stage == "sft" else m.backbone_params, m.largest_module, e, z, t.num_workers, on_gpu)
-    rows = t.micro_batch_size * (2 if stage == "rm" else 1)  # RM: chosen and rejected in one forward
-    act = train_activations(m, rows, t.max_len, e, t.max_len if stage == "sft" else 0, 12,
+    lm = stage in POLICY_STAGES  # the causal LM itself (its logits), not a head on the backbone
+    st = engine_states(m.params if lm else m.backbone_params, m.largest_module, e, z, t.num_workers, on_gpu)
+    rows = t.micro_batch_size * (2 if stage in ("rm", "dpo") else 1)  # RM / DPO: chosen and rejected in one forward
+    act = train_activations(m, rows, t.max_len, e, t.max_len if lm else 0, 12,
                             checkpointing or getattr(t, "gradient_checkpointing", False))
     ctx = CUDA_CONTEXT if on_gpu else CPU_PROCESS
     phases = {"train": ctx + _persistent(st, z) + _train_extra(st, z, act), "step": ctx + _persistent(st, z)

@@ -207,7 +207,8 @@ def _limited(items: list, limit: int | None) -> list:
     return items[:limit] if limit else items
 
 
-def run_mt_bench(cfg: Config, model_dir: str) -> dict:
+def run_mt_bench(cfg: Config, model_dir: str, result_path: Path | None = None) -> dict:
+    """MT-Bench of one model -> its result, also written to `result_path` (default eval/mt-bench.json)."""
     ev, layout = cfg.eval, RunLayout.of(cfg)
     base_url = ev.judge_base_url or DEFAULT_BASE_URL
     judge_api_key(ev, base_url)  # a missing key fails now, not after an hour of generation
@@ -227,7 +228,8 @@ def run_mt_bench(cfg: Config, model_dir: str) -> dict:
     records = judge_all(requests, layout.bench("mt-bench").dir / "judgments.jsonl", ev, ev.judge_model, ev.judge_base_url)
     summary = mt_bench_summary([records[r.key] for r in requests])
     truncated = sum(a["finish_reason"] == "length" for a in first + second)
-    return _write_result(layout.bench("mt-bench").result, "mt-bench", cfg, model_dir, len(questions), truncated, summary)
+    return _write_result(result_path or layout.bench("mt-bench").result, "mt-bench", cfg, model_dir, len(questions),
+                         truncated, summary)
 
 
 def run_alpaca_eval(cfg: Config, model_dir: str) -> dict:

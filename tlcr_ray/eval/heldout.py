@@ -1,7 +1,8 @@
-"""Held-out evaluation of the token discriminator and the sequence reward model.
+"""Held-out evaluation of the token discriminator, the sequence reward model and the DPO policy.
 
     tlcr eval disc --config configs/demo.yaml      # -> <output_dir>/disc/eval.json
     tlcr eval rm   --config configs/demo.yaml      # -> <output_dir>/rm/eval.json
+    tlcr eval dpo  --config configs/demo.yaml      # -> <output_dir>/dpo/eval.json (implicit reward margins)
 
 The held-out pairs are the ones training left out (`training.is_heldout` by pair id, with the stage's
 `eval_fraction` and `seed`), so no split file needs to be kept in step.
@@ -136,8 +137,49 @@ def evaluate_rm(cfg) -> dict:
             **rm_pair_metrics(model, heldout, tokenizer.pad_token_id, cfg.rm.micro_batch_size)}
 
 
+@torch.no_grad()
+def dpo_pair_metrics(policy, examples: list[dict], pad_id: int, beta: float, batch_size: int = 8) -> dict:
+    """Examples with `ref_logps` -> the share with an implicit reward margin > 0 (the DPO policy prefers
+    the chosen response more than the reference does) and the mean margin, as the RM's metrics."""
+    from tlcr_ray.training.dpo import implicit_margins, response_logps
+
+    policy.eval()
+    margins = []
+    for chunk in _batches(examples, batch_size, "eval dpo"):
+        batch = stages.collate("dpo", chunk, pad_id)
+        logps = response_logps(policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                               batch["labels"])
+        margins.extend(implicit_margins(logps, batch["ref_logps"], beta).tolist())
+    return {"pairwise_accuracy": sum(m > 0 for m in margins) / len(margins) if margins else None,
+            "mean_margin": sum(margins) / len(margins) if margins else None, "pairs": len(examples)}
+
+
+def evaluate_dpo(cfg) -> dict:
+    """The DPO policy on its held-out pairs, with the reference log-probs training cached (computed with
+    the SFT model here when the cache is missing or stale)."""
+    from tlcr_ray.models import load_policy, resolve_model
+    from tlcr_ray.training import dpo
+
+    layout = RunLayout.of(cfg)
+    model_dir = layout.stage("dpo").model
+    tokenizer = load_tokenizer(str(model_dir))
+    train, heldout, _ = stages.stage_examples(cfg, "dpo", tokenizer)
+    if not heldout:
+        raise ValueError(f"dpo: no held-out pairs (dpo.eval_fraction={cfg.dpo.eval_fraction})")
+    reference = resolve_model(stages.stage_init(cfg, "dpo")[0])
+
+    def compute(examples):
+        return dpo.compute_reference_logps(load_policy(reference, cfg.model.dtype), examples, tokenizer.pad_token_id,
+                                           cfg.dpo.micro_batch_size)
+
+    dpo.attach(heldout, dpo.cached_reference_logps(layout.dpo_reference_logps, train + heldout, reference, compute))
+    policy = load_policy(str(model_dir), cfg.model.dtype)
+    return {"model": str(model_dir), "reference": reference, "beta": cfg.dpo.beta, "eval_fraction": cfg.dpo.eval_fraction,
+            **dpo_pair_metrics(policy, heldout, tokenizer.pad_token_id, cfg.dpo.beta, cfg.dpo.micro_batch_size)}
+
+
 def run_cli(cfg, args) -> dict:
-    """`tlcr eval disc|rm`: evaluate and write <output_dir>/<stage>/eval.json (atomically)."""
-    result = evaluate_disc(cfg) if args.target == "disc" else evaluate_rm(cfg)
+    """`tlcr eval disc|rm|dpo`: evaluate and write <output_dir>/<stage>/eval.json (atomically)."""
+    result = {"disc": evaluate_disc, "rm": evaluate_rm, "dpo": evaluate_dpo}[args.target](cfg)
     out = write_json_atomic(RunLayout.of(cfg).stage(args.target).eval, result)
     return {"eval": str(out), **result}

@@ -1,4 +1,5 @@
-"""The paper's Figure 6 on one run: SFT vs PPO-seq vs TLCR-fixed vs TLCR on held-out prompts.
+"""The paper's Figure 6 on one run: every method's policy (SFT, DPO, PPO-seq, ReMax, FIGA, TLCR-fixed, TLCR,
+the sign ablations: `tlcr_ray/methods.py`) on held-out prompts, each row when its model exists.
 
     table = reward_table(cfg)            # also written to <output_dir>/report/reward_table.json
 
@@ -17,13 +18,12 @@ from tlcr_ray.data.pairs import load_split, rl_prompt_pools
 from tlcr_ray.data.tokens import encode_prompt_response
 from tlcr_ray.io import write_json_atomic
 from tlcr_ray.layout import RunLayout
+from tlcr_ray.methods import METHODS
 from tlcr_ray.models import load_head_model, load_tokenizer, resolve_model
 from tlcr_ray.rl.batch import pack
 from tlcr_ray.rl.rewards import discriminator_probs, token_rewards
 from tlcr_ray.rl.rollout.hf import HFRollout
 
-# Report label -> the PPO mode whose model it is (None: the SFT model), in the paper's order.
-POLICIES = {"SFT": None, "PPO-seq": "sequence", "TLCR-fixed": "fixed", "TLCR": "continuous"}
 
 
 def heldout_prompts(cfg: Config, n: int) -> list[list[int]]:
@@ -71,8 +71,8 @@ def reward_table(cfg: Config) -> dict:
     prompts = heldout_prompts(cfg, cfg.pipeline.eval_prompts)
     tokenizer = load_tokenizer(resolve_model(cfg.model.tokenizer or cfg.model.base))
     rows, samples = {}, {}
-    for name, mode in POLICIES.items():
-        model_dir = layout.sft_model if mode is None else layout.ppo(mode).model
+    for method in METHODS.values():
+        name, model_dir = method.label, method.model(layout)
         if not model_dir.exists():
             continue
         engine = HFRollout(str(model_dir), dtype=cfg.model.dtype)

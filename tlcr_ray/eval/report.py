@@ -139,6 +139,27 @@ def _fmt(x) -> str:
     return "–" if x is None or x != x else f"{x:+.3f}"
 
 
+def _method_sections(layout: RunLayout) -> list[str]:
+    """DPO's held-out preference metrics, and Table 1 when a judge table was computed (each when present)."""
+    from tlcr_ray.eval.judge_table import markdown as judge_table_markdown
+
+    lines = []
+    dpo_eval = layout.stage("dpo").eval
+    if dpo_eval.exists():
+        result = read_json(dpo_eval)
+        lines += ["## DPO (held-out pairs)", "",
+                  f"* implicit reward margin > 0 (preference accuracy): {_fmt_share(result.get('pairwise_accuracy'))}",
+                  f"* mean implicit reward margin: {_fmt(result.get('mean_margin'))} (beta {result.get('beta')}, "
+                  f"{result.get('pairs')} pairs)", ""]
+    if layout.judge_table.result.exists():
+        lines += judge_table_markdown(read_json(layout.judge_table.result))
+    return lines
+
+
+def _fmt_share(x) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
 def write_markdown(cfg: Config, run_dir: Path, table: dict, plots: list[str], out: Path) -> None:
     layout = RunLayout(run_dir)
     pipeline = read_json(layout.pipeline_record) if layout.pipeline_record.exists() else {}
@@ -159,7 +180,8 @@ def write_markdown(cfg: Config, run_dir: Path, table: dict, plots: list[str], ou
     for name, row in table.get("rows", {}).items():
         lines.append(f"| {name} | {_fmt(row['rm_score'])} | {_fmt(row['discrete_sum'])} | "
                      f"{_fmt(row['continuous_sum'])} | {row['mean_length']:.1f} |")
-    lines += ["", "## PPO curves", ""] + [f"![{p}]({p})" for p in plots]
+    lines += [""] + _method_sections(layout)
+    lines += ["## PPO curves", ""] + [f"![{p}]({p})" for p in plots]
     lines += ["", "Token heat-map: [heatmap.html](heatmap.html)", "", "## Configuration", "", "```yaml",
               yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip(),
               "```", ""]

@@ -26,12 +26,25 @@ def ids_and_mask(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
     return pad(seqs, pad_id), mask
 
 
-def collate(stage: str, examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(stage: str, examples: list[dict], pad_id: int, with_reference: bool = True) -> dict[str, torch.Tensor]:
     """sft: input_ids, attention_mask, labels [B, T]; disc: ... targets [B, T] (float);
-    rm: input_ids, attention_mask [2B, T] with the B chosen sequences first."""
-    if stage == "sft":
+    rm: input_ids, attention_mask [2B, T] with the B chosen sequences first;
+    dpo: as rm, plus labels [2B, T] and (with_reference) ref_logps [2B]; figa: as sft, plus weights [B, T]."""
+    if stage in ("sft", "figa"):
         ids, mask = ids_and_mask([e["input_ids"] for e in examples], pad_id)
-        return {"input_ids": ids, "attention_mask": mask, "labels": pad([e["labels"] for e in examples], IGNORE)}
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": pad([e["labels"] for e in examples], IGNORE)}
+        if stage == "figa":
+            batch["weights"] = pad([e["weights"] for e in examples], 0.0).float()
+        return batch
+    if stage == "dpo":
+        sides = ("chosen", "rejected")
+        ids, mask = ids_and_mask([e[f"{s}_ids"] for s in sides for e in examples], pad_id)
+        batch = {"input_ids": ids, "attention_mask": mask,
+                 "labels": pad([e[f"{s}_labels"] for s in sides for e in examples], IGNORE)}
+        if with_reference:
+            batch["ref_logps"] = torch.tensor([e["ref_logps"][k] for k in (0, 1) for e in examples],
+                                              dtype=torch.float32)
+        return batch
     if stage == "disc":
         ids, mask = ids_and_mask([e["input_ids"] for e in examples], pad_id)
         targets = pad([e["targets"] for e in examples], float(IGNORE)).float()

@@ -3,6 +3,8 @@
     sft   chosen responses of the SFT partition; labels = the response's token ids (IGNORE on the prompt)
     disc  Levenshtein token labels; targets 0 / 0.5 / 1 on response tokens (docs/algorithm.md §3)
     rm    pairs of the reward partition; chosen and rejected sequences, scored at their last token
+    dpo   the same pairs; chosen and rejected sequences with `labels` on their response tokens (docs/algorithm.md §10)
+    figa  the Levenshtein-labelled sequences; `labels` on response tokens and FIGA's per-token `weights` (§10)
 
     train, heldout, stats = stage_examples(cfg, "disc", tokenizer)
 """
@@ -23,7 +25,7 @@ def truncate(input_ids: list[int], targets: list, response_start: int, max_len: 
     return input_ids[left:][:max_len], targets[left:][:max_len]
 
 
-def _encode(tokenizer, model_cfg, prompt: str, response: str, add_eos: bool):
+def encode_example(tokenizer, model_cfg, prompt: str, response: str, add_eos: bool):
     from tlcr_ray.data.tokens import append_eos, encode_prompt_response
 
     enc = encode_prompt_response(tokenizer, prompt, response, model_cfg.max_prompt_len, model_cfg.max_response_len)
@@ -39,7 +41,7 @@ def sft_examples(pairs, tokenizer, model_cfg, max_len: int) -> list[dict]:
     """Prompt + chosen response (+ eos); `labels` = token ids on the response, IGNORE on the prompt."""
     out = []
     for pair in pairs:
-        ids, start = _encode(tokenizer, model_cfg, pair.prompt, pair.chosen, add_eos=True)
+        ids, start = encode_example(tokenizer, model_cfg, pair.prompt, pair.chosen, add_eos=True)
         labels = [IGNORE] * start + ids[start:]
         ids, labels = truncate(ids, labels, start, max_len)
         if any(label != IGNORE for label in labels[1:]):  # position 0 has nothing before it to predict from
@@ -67,9 +69,43 @@ def rm_examples(pairs, tokenizer, model_cfg, max_len: int) -> list[dict]:
     for pair in pairs:
         sides = {}
         for side in ("chosen", "rejected"):
-            ids, start = _encode(tokenizer, model_cfg, pair.prompt, getattr(pair, side), add_eos=True)
+            ids, start = encode_example(tokenizer, model_cfg, pair.prompt, getattr(pair, side), add_eos=True)
             sides[f"{side}_ids"], _ = truncate(ids, ids, start, max_len)
         out.append({"pair_id": pair.pair_id, **sides})
+    return out
+
+
+def dpo_examples(pairs, tokenizer, model_cfg, max_len: int) -> list[dict]:
+    """Each pair -> {chosen_ids, chosen_labels, rejected_ids, rejected_labels}: prompt + response + eos,
+    labels = token ids on the response (IGNORE on the prompt), as SFT's."""
+    out = []
+    for pair in pairs:
+        example = {"pair_id": pair.pair_id}
+        for side in ("chosen", "rejected"):
+            ids, start = encode_example(tokenizer, model_cfg, pair.prompt, getattr(pair, side), add_eos=True)
+            ids, labels = truncate(ids, [IGNORE] * start + ids[start:], start, max_len)
+            example[f"{side}_ids"], example[f"{side}_labels"] = ids, labels
+        if all(any(t != IGNORE for t in example[f"{side}_labels"][1:]) for side in ("chosen", "rejected")):
+            out.append(example)
+    return out
+
+
+def figa_examples(rows, eos_id: int | None, max_len: int, figa_cfg) -> list[dict]:
+    """LabeledSequence rows -> {input_ids, labels, weights}: labels = token ids on the response, weights =
+    FIGA's per-token weight of each (`figa.token_weights`); sequences whose weights are all 0 are dropped."""
+    from tlcr_ray.training.figa import token_weights
+
+    out = []
+    for row in rows:
+        start = next((i for i, t in enumerate(row.labels) if t != IGNORE), len(row.labels))
+        ends = eos_id is not None and len(row.input_ids) > start and row.input_ids[-1] == eos_id
+        weights = token_weights(row.labels, row.kind, ends, figa_cfg.alpha, figa_cfg.beta, figa_cfg.gamma)
+        ids = list(row.input_ids)
+        cut_ids, labels = truncate(ids, [IGNORE] * start + ids[start:], start, max_len)
+        _, weights = truncate(ids, weights, start, max_len)
+        if any(w != 0 for w in weights[1:]):
+            out.append({"pair_id": row.pair_id, "kind": row.kind, "input_ids": cut_ids, "labels": labels,
+                        "weights": weights})
     return out
 
 
@@ -89,7 +125,8 @@ def split_heldout(examples: list[dict], fraction: float, seed: int) -> tuple[lis
 
 
 def stage_init(cfg, stage: str) -> tuple[str, str]:
-    """-> (model folder or hub id to start from, a line saying why). disc/rm start from the SFT model."""
+    """-> (model folder or hub id to start from, a line saying why). Every stage but SFT starts from the SFT
+    model (DPO also uses it as its reference)."""
     train_cfg = getattr(cfg, stage)
     if train_cfg.init_from:
         return train_cfg.init_from, f"{stage}: starting from {stage}.init_from = {train_cfg.init_from}"
@@ -104,19 +141,24 @@ def stage_init(cfg, stage: str) -> tuple[str, str]:
 def stage_examples(cfg, stage: str, tokenizer) -> tuple[list[dict], list[dict], dict]:
     """The stage's examples split into (train, heldout) by pair id, plus where they came from."""
     train_cfg = getattr(cfg, stage)
-    if stage == "disc":
+    if stage in ("disc", "figa"):
         from tlcr_ray.labeling.labels import read_labels
 
         path = RunLayout.of(cfg).labels
         if not path.exists():
             raise FileNotFoundError(f"{path}: no token labels; run `tlcr label` with this config first")
         rows = read_labels(path)
-        examples, stats = disc_examples(rows, train_cfg.max_len), {"labels": str(path), "sequences": len(rows)}
+        examples = disc_examples(rows, train_cfg.max_len) if stage == "disc" else \
+            figa_examples(rows, tokenizer.eos_token_id, train_cfg.max_len, train_cfg)
+        stats = {"labels": str(path), "sequences": len(rows)}
     else:
         from tlcr_ray.data.pairs import load_split
 
         pairs, stats = load_split(cfg.data, "sft" if stage == "sft" else "reward")
-        build = sft_examples if stage == "sft" else rm_examples
+        if stage == "dpo" and train_cfg.max_pairs is not None:
+            pairs = pairs[:train_cfg.max_pairs]
+            stats = {**stats, "dpo_max_pairs": train_cfg.max_pairs}
+        build = {"sft": sft_examples, "rm": rm_examples, "dpo": dpo_examples}[stage]
         examples = build(pairs, tokenizer, cfg.model, train_cfg.max_len)
     train, heldout = split_heldout(examples, train_cfg.eval_fraction, train_cfg.seed)
     if not train:

@@ -19,6 +19,7 @@ from torch import nn
 
 from tlcr_ray.config import TrainConfig
 from tlcr_ray.io import atomic_folder
+from tlcr_ray.layout import POLICY_STAGES
 from tlcr_ray.models import SequenceRewardModel, TokenDiscriminator, load_policy, load_tokenizer, save_head_model
 from tlcr_ray.tracking import MetricsLog
 from tlcr_ray.training.batching import collate, micro_batches
@@ -52,11 +53,13 @@ class LoopSpec:
     total_steps: int
     stage_dir: str
     fail_at_step: int = 0
+    reference_logps: str | None = None
+    """DPO only: the cache file of the reference's log-probs (RunLayout.dpo_reference_logps)."""
 
 
 def build_model(stage: str, init_path: str, dtype: str = "float32", seed: int = 0) -> nn.Module:
-    """sft: the causal LM itself; disc / rm: its backbone with a fresh head."""
-    if stage == "sft":
+    """sft / dpo / figa: the causal LM itself; disc / rm: its backbone with a fresh head."""
+    if stage in POLICY_STAGES:
         return load_policy(init_path, dtype)
     cls = {"disc": TokenDiscriminator, "rm": SequenceRewardModel}[stage]
     return cls.from_pretrained(init_path, dtype=dtype, seed=seed)
@@ -64,7 +67,7 @@ def build_model(stage: str, init_path: str, dtype: str = "float32", seed: int = 
 
 def export_model(stage: str, model: nn.Module, path, tokenizer, state_dict: dict | None = None) -> None:
     """Write the stage's model as an HF folder (atomically); `state_dict` overrides the live weights."""
-    if stage == "sft":
+    if stage in POLICY_STAGES:
         with atomic_folder(path) as tmp:
             model.save_pretrained(tmp, state_dict=state_dict)
             tokenizer.save_pretrained(tmp)
@@ -94,6 +97,8 @@ def run_rank(spec: LoopSpec, rank: int, world: int, device: torch.device, checkp
     """Train from the latest checkpoint to `total_steps`; rank 0 logs metrics and exports the model."""
     stage, cfg, steps = spec.stage, spec.train_cfg, spec.total_steps
     tokenizer = load_tokenizer(spec.tokenizer)
+    if stage == "dpo":  # before the policy engine exists: the reference is never in memory beside it
+        reference_logps(spec, rank, world, device, tokenizer.pad_token_id)
     engine, schedule = build_engine(spec)
     start = checkpoints.restore(engine)
     log = MetricsLog(spec.stage_dir, resume_step=start, drop_after_resume=False) if rank == 0 else None
@@ -110,7 +115,7 @@ def run_rank(spec: LoopSpec, rank: int, world: int, device: torch.device, checkp
         engine.train()
         for _ in range(cfg.grad_accum):
             batch = {k: v.to(device) for k, v in collate(stage, next(batches), pad_id).items()}
-            loss, correct, counted = compute_loss(stage, engine, batch)
+            loss, correct, counted = compute_loss(stage, engine, batch, cfg)
             engine.backward(loss)
             engine.step()
             stats.add(loss.item(), correct, counted, int(batch["attention_mask"].sum()))
@@ -120,8 +125,8 @@ def run_rank(spec: LoopSpec, rank: int, world: int, device: torch.device, checkp
             log.write(step, row)
         final = step == steps
         if final and spec.heldout:
-            row.update({f"eval_{k}": v for k, v in evaluate(stage, engine, spec.heldout, cfg.micro_batch_size, rank,
-                                                           world, pad_id, device).items() if k != "tokens"})
+            row.update({f"eval_{k}": v for k, v in evaluate(stage, engine, spec.heldout, cfg, rank, world, pad_id,
+                                                           device).items() if k != "tokens"})
             if log:
                 log.event(eval_step=step, **{k: v for k, v in row.items() if k.startswith("eval_")})
         if final:
@@ -148,16 +153,42 @@ def all_reduce(stats: StepStats, device) -> dict:
 
 
 @torch.no_grad()
-def evaluate(stage, engine, heldout, micro_batch_size: int, rank, world, pad_id, device) -> dict:
+def evaluate(stage, engine, heldout, train_cfg, rank, world, pad_id, device) -> dict:
     """Loss and accuracy on the held-out examples, sharded over ranks."""
     engine.eval()
     stats = StepStats()
-    shard = heldout[rank::world]
-    for i in range(0, len(shard), micro_batch_size):
-        batch = {k: v.to(device) for k, v in collate(stage, shard[i:i + micro_batch_size], pad_id).items()}
-        loss, correct, counted = compute_loss(stage, engine, batch)
+    shard, size = heldout[rank::world], train_cfg.micro_batch_size
+    for i in range(0, len(shard), size):
+        batch = {k: v.to(device) for k, v in collate(stage, shard[i:i + size], pad_id).items()}
+        loss, correct, counted = compute_loss(stage, engine, batch, train_cfg)
         stats.add(loss.item(), correct, counted, int(batch["attention_mask"].sum()))
     return all_reduce(stats, device)
+
+
+def reference_logps(spec: LoopSpec, rank: int, world: int, device, pad_id: int) -> None:
+    """DPO: the reference (the stage's init, i.e. the SFT model) log-probs of every train and held-out pair,
+    attached to the examples. Rank 0 reads the cache; without one, each rank scores its shard, the shards
+    are gathered and rank 0 writes the cache (atomically), so a resumed or rerun stage reads it."""
+    import torch.distributed as dist
+
+    from tlcr_ray.training import dpo
+
+    examples = spec.train + spec.heldout
+    box = [dpo.read_cached(spec.reference_logps, examples, spec.init) if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    logps = box[0]
+    if logps is None:
+        model = load_policy(spec.init, WEIGHT_DTYPES[spec.train_cfg.precision]).to(device)
+        mine = dpo.compute_reference_logps(model, examples[rank::world], pad_id, spec.train_cfg.micro_batch_size,
+                                           device)
+        del model
+        shards = [None] * world
+        dist.all_gather_object(shards, mine)
+        logps = {k: v for shard in shards for k, v in shard.items()}
+        if rank == 0:
+            dpo.write_cached(spec.reference_logps, examples, spec.init, logps)
+        dist.barrier()
+    dpo.attach(examples, logps)
 
 
 def export(stage, engine, zero_stage: int, path: Path, tokenizer, rank: int) -> None:

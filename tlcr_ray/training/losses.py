@@ -3,6 +3,8 @@
     sft   cross-entropy on response tokens only
     disc  BCE with soft targets 0 / 0.5 / 1, mean over labelled tokens
     rm    Bradley-Terry: -log sigmoid(s_chosen - s_rejected)
+    dpo   -log sigmoid(beta * implicit reward margin), reference log-probs precomputed (training/dpo.py, §10)
+    figa  FIGA's weighted token cross-entropy on revised and rejected responses (training/figa.py, §10)
 
     loss, correct, counted = compute_loss("disc", model, batch)
 """
@@ -68,11 +70,22 @@ def rm_loss(scores: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return -F.logsigmoid(margin).mean(), int((margin > 0).sum()), margin.numel()
 
 
-def compute_loss(stage: str, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
-    """One forward of `model` on a collated batch -> (loss, correct, counted)."""
+def compute_loss(stage: str, model: nn.Module, batch: dict[str, torch.Tensor],
+                 train_cfg=None) -> tuple[torch.Tensor, int, int]:
+    """One forward of `model` on a collated batch -> (loss, correct, counted); `train_cfg` (the stage's
+    section) carries dpo.beta and figa.bad_token_max_ce."""
+    from tlcr_ray.training.dpo import dpo_loss, response_logps
+    from tlcr_ray.training.figa import figa_loss
+
     ids, mask = batch["input_ids"], batch["attention_mask"]
     if stage == "sft":
         return sft_loss(model(input_ids=ids, attention_mask=mask).logits, batch["labels"])
+    if stage == "dpo":
+        logps = response_logps(model(input_ids=ids, attention_mask=mask).logits, batch["labels"])
+        return dpo_loss(logps, batch["ref_logps"], train_cfg.beta)
+    if stage == "figa":
+        return figa_loss(model(input_ids=ids, attention_mask=mask).logits, batch["labels"], batch["weights"],
+                         train_cfg.bad_token_max_ce)
     if stage == "disc":
         return disc_loss(model(ids, mask), batch["targets"])
     if stage == "rm":
