@@ -58,7 +58,7 @@ DS_DEFAULTS = {"reduce_bucket_size": int(5e8), "allgather_bucket_size": int(5e8)
 """deepspeed/runtime/zero/config.py defaults (0.19.8); tlcr sets none of them."""
 CUDA_CONTEXT, CPU_PROCESS, VLLM_OVERHEAD, SYNC_BUFFERS = GIB, GIB // 2, 2 * GIB, 2 * GIB
 ELEM = {"fp32": 4, "bf16": 2, "fp16": 2, "float32": 4, "bfloat16": 2, "float16": 2}
-GROUPS = ("sft", "disc", "rm", "ppo.rollout", "ppo.reward", "ppo.reference", "ppo.learner")
+GROUPS = ("sft", "disc", "rm", "dpo", "figa", "ppo.rollout", "ppo.reward", "ppo.reference", "ppo.learner")
 
 
 def engine_states(params: int, largest: int, e: int, zero: int, world: int, on_gpu: bool) -> dict[str, int]:

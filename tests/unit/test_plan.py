@@ -101,7 +101,8 @@ def test_plan_json_schema_for_every_shipped_config(name, capsys):
     report = json.loads(capsys.readouterr().out)
     assert isinstance(report["gpu_memory_bytes"], int) and report["gpu_memory_bytes"] > 0
     assert isinstance(report["fits"], bool)
-    assert set(report["groups"]) == {"sft", "disc", "rm", "ppo.rollout", "ppo.reward", "ppo.reference", "ppo.learner"}
+    assert set(report["groups"]) == {"sft", "disc", "rm", "dpo", "figa", "ppo.rollout", "ppo.reward", "ppo.reference",
+                                     "ppo.learner"}
     for group in report["groups"].values():
         assert isinstance(group["gpus"], int) and isinstance(group["fits"], bool)
         assert set(group["per_gpu"]) == PER_GPU
