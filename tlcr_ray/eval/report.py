@@ -15,7 +15,8 @@ import yaml
 from tlcr_ray.config import Config, load_config, to_dict
 from tlcr_ray.io import read_json, write_text_atomic
 from tlcr_ray.layout import RunLayout
-from tlcr_ray.rl.rewards import MODE_LABELS, token_rewards
+from tlcr_ray.methods import METHODS
+from tlcr_ray.rl.rewards import token_rewards
 from tlcr_ray.tracking import read_step_rows
 
 # Curves drawn per PPO step: (file stem, title, metric key in ppo-*/metrics.jsonl).
@@ -26,6 +27,8 @@ CURVES = [
     ("perplexity", "perplexity of sampled responses", "perplexity"),
     ("entropy", "policy entropy (per token)", "entropy"),
 ]
+# A PPO run's folder suffix (`ppo-<mode>`, `ppo-remax`) -> the method's name in the report.
+RUN_LABELS = {m.run_name.removeprefix("ppo-"): m.label for m in METHODS.values() if not m.stage}
 
 
 def load_run_config(run_dir: Path) -> Config:
@@ -40,7 +43,7 @@ def load_run_config(run_dir: Path) -> Config:
 
 
 def plot_curves(run_dir: Path, out: Path) -> list[str]:
-    """One PNG per metric with every PPO mode of the run on the same axes; returns the file names."""
+    """One PNG per metric with every PPO (and ReMax) run on the same axes; returns the file names."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,7 +59,7 @@ def plot_curves(run_dir: Path, out: Path) -> list[str]:
         for mode, rows in runs.items():
             points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
             if points:
-                ax.plot(*zip(*points), marker="o", markersize=3, label=MODE_LABELS.get(mode, mode))
+                ax.plot(*zip(*points), marker="o", markersize=3, label=RUN_LABELS.get(mode, mode))
                 drawn = True
         if not drawn:
             plt.close(fig)
