@@ -16,8 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(5400)]
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-# pipeline.methods -> the report's row. Until ppo.algorithm=remax has its own learner, the remax row is a
-# plain PPO run with the sequence RM written to ppo-remax: the wiring is what this checks.
+# pipeline.methods -> the report's row.
 METHOD_ROWS = {"sft": "SFT", "dpo": "DPO", "ppo-seq": "PPO-seq", "remax": "ReMax", "figa": "FIGA",
                "tlcr-fixed": "TLCR-fixed", "tlcr": "TLCR"}
 
