@@ -30,12 +30,15 @@ def test_dpo_reference_logps_once_across_a_crash_and_a_rerun(ray_local, tiny_mod
     assert steps == [1, 2, 3, 4, 5, 6]  # the crash came before step 5 was logged
     # Step 1: the policy is the reference, so every margin is 0 and the loss is log 2 (the gathered shards
     # are attached to the right pairs on both ranks).
-    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    first = next(r for r in rows if "step" in r)
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
     resumed = next(r for r in rows if r.get("event") == "resumed")
+    computed = [r["computed"] for r in rows if r.get("event") == "reference_logps"]
+    assert computed == [True, False]  # the restarted workers read the cache
     assert resumed["from_step"] == 4
     # Written once, before step 1: the restarted workers read it instead of computing it again.
     written = cache.stat().st_mtime_ns
-    assert written / 1e9 < rows[0]["time"] < resumed["time"]
+    assert written / 1e9 < first["time"] < resumed["time"]
     assert summary["resumed_from"] == 4 and (run / "dpo" / "model" / "config.json").exists()
 
     monkeypatch.delenv(FAIL_AT_STEP_ENV)

@@ -97,13 +97,16 @@ def run_rank(spec: LoopSpec, rank: int, world: int, device: torch.device, checkp
     """Train from the latest checkpoint to `total_steps`; rank 0 logs metrics and exports the model."""
     stage, cfg, steps = spec.stage, spec.train_cfg, spec.total_steps
     tokenizer = load_tokenizer(spec.tokenizer)
+    reference = None
     if stage == "dpo":  # before the policy engine exists: the reference is never in memory beside it
-        reference_logps(spec, rank, world, device, tokenizer.pad_token_id)
+        reference = reference_logps(spec, rank, world, device, tokenizer.pad_token_id)
     engine, schedule = build_engine(spec)
     start = checkpoints.restore(engine)
     log = MetricsLog(spec.stage_dir, resume_step=start, drop_after_resume=False) if rank == 0 else None
     if log and start:
         log.event(event="resumed", from_step=start)
+    if log and reference:
+        log.event(event="reference_logps", **reference)
     model_dir = Path(spec.stage_dir) / "model"
     batches = micro_batches(spec.train, cfg.micro_batch_size, rank, world, cfg.seed, start=start * cfg.grad_accum)
     pad_id = tokenizer.pad_token_id
@@ -165,15 +168,16 @@ def evaluate(stage, engine, heldout, train_cfg, rank, world, pad_id, device) -> 
     return all_reduce(stats, device)
 
 
-def reference_logps(spec: LoopSpec, rank: int, world: int, device, pad_id: int) -> None:
+def reference_logps(spec: LoopSpec, rank: int, world: int, device, pad_id: int) -> dict:
     """DPO: the reference (the stage's init, i.e. the SFT model) log-probs of every train and held-out pair,
     attached to the examples. Rank 0 reads the cache; without one, each rank scores its shard, the shards
-    are gathered and rank 0 writes the cache (atomically), so a resumed or rerun stage reads it."""
+    are gathered and rank 0 writes the cache (atomically), so a resumed or rerun stage reads it.
+    -> {"pairs", "computed", "seconds"} for the metrics log."""
     import torch.distributed as dist
 
     from tlcr_ray.training import dpo
 
-    examples = spec.train + spec.heldout
+    began, examples = time.time(), spec.train + spec.heldout
     box = [dpo.read_cached(spec.reference_logps, examples, spec.init) if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     logps = box[0]
@@ -189,6 +193,7 @@ def reference_logps(spec: LoopSpec, rank: int, world: int, device, pad_id: int) 
             dpo.write_cached(spec.reference_logps, examples, spec.init, logps)
         dist.barrier()
     dpo.attach(examples, logps)
+    return {"pairs": len(examples), "computed": box[0] is None, "seconds": round(time.time() - began, 1)}
 
 
 def export(stage, engine, zero_stage: int, path: Path, tokenizer, rank: int) -> None:
