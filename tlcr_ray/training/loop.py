@@ -8,6 +8,7 @@ process can run the same loop.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -186,6 +187,7 @@ def reference_logps(spec: LoopSpec, rank: int, world: int, device, pad_id: int) 
         mine = dpo.compute_reference_logps(model, examples[rank::world], pad_id, spec.train_cfg.micro_batch_size,
                                            device)
         del model
+        gc.collect()  # the reference's weights go before the policy, its Adam states and its grads arrive
         shards = [None] * world
         dist.all_gather_object(shards, mine)
         logps = {k: v for shard in shards for k, v in shard.items()}
