@@ -2,7 +2,7 @@
 
     python bench/bench_ppo.py                     # both parts
     python bench/bench_ppo.py --part breakdown --config configs/demo.yaml --steps 4
-    python bench/bench_ppo.py --part trl --steps 3
+    python bench/bench_ppo.py --part trl --steps 3 [--model embedded|tiny|PATH] [--rollout-backend hf|vllm]
 
 breakdown: runs `tlcr ppo` (Ray actors) on the config; per step (the first, which includes actor
 start-up, is excluded) compute = generate + max(score, reference, learner eval) + train + weight
@@ -10,15 +10,18 @@ load, each timed inside its actor; orchestration share = 1 - compute / wall step
 config's SFT or discriminator folders do not exist yet, the initial policy is the config's base
 model and the discriminator a fresh head on it (timings do not depend on the weights).
 
-trl: the same tiny random-init Llama, batch, prompt and response lengths, CPU, in one process run:
-our Ray PPO (hf rollout, 1 learner) vs trl==1.12.0 `PPOTrainer` (`pip install .[bench]`); the
-figure is our samples/s divided by TRL's, both measured on steps after the first. Same work per
-step: sampling at temperature 1 without top-p/top-k (TRL hard-codes top_k=0, top_p=1.0), 1 PPO
+trl: the same model (`--model`: default the embedded SmolLM2-135M as a saved HF folder; `tiny`: the
+2-layer random Llama), batch 8, prompts <= 64 and 64 response tokens, CPU, in one process run: our
+Ray PPO (`--rollout-backend hf|vllm`, 1 learner) vs trl==1.12.0 `PPOTrainer` (`pip install .[bench]`,
+or `pip install --no-deps --target DIR trl==1.12.0 datasets multiprocess xxhash` and DIR on
+PYTHONPATH); the figure is our samples/s divided by TRL's, both measured on steps after the first,
+with each system's seconds per stage (TRL's timed by wrapping its generate / forward / get_reward).
+Same work per step: sampling at temperature 1 without top-p/top-k (TRL hard-codes top_k=0, top_p=1.0), 1 PPO
 epoch of 1 minibatch, policy + value updates, reference and reward forwards, KL-shaped rewards, GAE.
 Ours also recomputes the old log-probs with the learner (TRL reads them off generation) and syncs
 the weights into the rollout actor. Our actors run with OMP_WAIT_POLICY=PASSIVE (their default);
-TRL runs twice in fresh processes, with OpenMP's default wait policy and with PASSIVE, and the
-figure divides by the faster of the two.
+TRL runs in a fresh process per `--trl-wait-policies` value (default: OpenMP's own) and the figure
+divides by the fastest.
 """
 from __future__ import annotations
 
@@ -78,10 +81,14 @@ def breakdown(config: str, steps: int, work: Path) -> None:
            f"{config}, {len(rows)} steps after warm-up, step {step:.2f}s ({parts})")
 
 
-def trl_samples_per_s(model_dir: str, prompts: list[list[int]], response_len: int, steps: int) -> float:
+def trl_samples_per_s(model_dir: str, prompts: list[list[int]], response_len: int, steps: int) -> dict:
+    """TRL's PPOTrainer on `model_dir` -> samples/s over the steps after the first, and its per-stage
+    seconds per step: generate (`batch_generation`), score (the no-grad reference forward and the value
+    and reward forwards), train (the rest: GAE, the PPO minibatch forward/backward/step, TRL's gc)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
+    from trl.experimental.ppo import ppo_trainer as trl_ppo
 
     from tlcr_ray.models import load_tokenizer
 
@@ -89,10 +96,31 @@ def trl_samples_per_s(model_dir: str, prompts: list[list[int]], response_len: in
     tokenizer.padding_side = "left"
     batch = len(prompts)
     stamps: list[float] = []
+    spent = {"generate": 0.0, "score": 0.0}
+    per_step: list[dict[str, float]] = []
+
+    def timed(fn, stage_of):
+        def wrapper(*args, **kwargs):
+            began = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if (stage := stage_of()) is not None:
+                    spent[stage] += time.perf_counter() - began
+        return wrapper
+
+    import torch
+
+    no_grad_score = lambda: None if torch.is_grad_enabled() else "score"  # noqa: E731  (train forwards have grad)
+    trl_ppo.batch_generation = timed(trl_ppo.batch_generation, lambda: "generate")
+    trl_ppo.forward = timed(trl_ppo.forward, no_grad_score)
+    trl_ppo.get_reward = timed(trl_ppo.get_reward, no_grad_score)
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             stamps.append(time.perf_counter())
+            per_step.append(dict(spent))
+            spent.update(generate=0.0, score=0.0)
 
     with tempfile.TemporaryDirectory() as out:
         args = PPOConfig(output_dir=out, use_cpu=True, per_device_train_batch_size=batch, num_mini_batches=1,
@@ -106,13 +134,18 @@ def trl_samples_per_s(model_dir: str, prompts: list[list[int]], response_len: in
             reward_model=AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1),
             value_model=AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1),
             train_dataset=Dataset.from_dict({"input_ids": prompts * (steps + 1)}), callbacks=[Clock()])
+        began = time.perf_counter()
         trainer.train()
     if len(stamps) < 2:
         raise RuntimeError(f"TRL ran {len(stamps)} steps; need at least 2 to time one after warm-up")
-    return batch * (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    step_s = [b - a for a, b in zip([began] + stamps, stamps)][1:]  # the first step includes warm-up
+    timed_steps = per_step[1:]
+    stages = {k: sum(s[k] for s in timed_steps) / len(timed_steps) for k in ("generate", "score")}
+    stages["train"] = sum(step_s) / len(step_s) - stages["generate"] - stages["score"]
+    return {"samples_per_s": batch * (len(stamps) - 1) / (stamps[-1] - stamps[0]), "stages": stages}
 
 
-def trl_in_fresh_process(omp_wait_policy: str | None, *args) -> float:
+def trl_in_fresh_process(omp_wait_policy: str | None, *args) -> dict:
     """`trl_samples_per_s(*args)` in a spawned process: OpenMP reads OMP_WAIT_POLICY once, at start-up
     (None: OpenMP's default, spin a while then sleep)."""
     import multiprocessing
@@ -130,17 +163,27 @@ def trl_in_fresh_process(omp_wait_policy: str | None, *args) -> float:
             os.environ["OMP_WAIT_POLICY"] = saved
 
 
-def versus_trl(steps: int, work: Path, batch: int = 8, response_len: int = 32) -> None:
+def versus_trl(steps: int, work: Path, model: str, rollout_backend: str, wait_policies: list[str],
+               zero_stage: int | None = None, batch: int = 8, response_len: int = 64) -> None:
     from tlcr_ray.config import load_config
     from tlcr_ray.data.pairs import load_split
     from tlcr_ray.data.tokens import encode_prompts
-    from tlcr_ray.models import embedded_tokenizer_dir, load_tokenizer
+    from tlcr_ray.models import embedded_model_dir, embedded_tokenizer_dir, load_tokenizer
     from tlcr_ray.testing.tiny_model import build_tiny_llama
 
-    model_dir = str(build_tiny_llama(work / "tiny", embedded_tokenizer_dir(), seed=0))
+    if model == "tiny":
+        model_dir, model_name = str(build_tiny_llama(work / "tiny", embedded_tokenizer_dir(), seed=0)), \
+            "tiny Llama (hidden 64, 2 layers)"
+    elif model == "embedded":
+        model_dir, model_name = str(embedded_model_dir()), "SmolLM2-135M (embedded, fp32)"
+    else:
+        model_dir, model_name = model, model
     cfg = load_config("configs/tiny.yaml", [
         f"output_dir={work / 'vs-trl'}", f"ppo.policy={model_dir}", f"ppo.steps={steps + 1}",
         f"ppo.prompts_per_step={batch}", f"ppo.mini_batch_size={batch}", f"model.max_response_len={response_len}",
+        "model.max_prompt_len=64", f"ppo.rollout_backend={rollout_backend}",
+        *(["ppo.vllm_kv_cache_gib=0.5"] if rollout_backend == "vllm" else []),  # a fixed, small KV cache on CPU
+        *([f"ppo.zero_stage={zero_stage}"] if zero_stage is not None else []),
         "ppo.top_p=1.0", "ppo.temperature=1.0", "ppo.ppo_epochs=1",  # TRL's sampling and epochs below
         "ppo.learner.num_actors=1", "ppo.learner.num_cpus=1", "ppo.resume=never", f"ppo.checkpoint_every={steps + 10}",
         f"ppo.threads_per_actor={os.cpu_count()}",  # stages run one at a time; TRL's one process uses every core too
@@ -152,22 +195,30 @@ def versus_trl(steps: int, work: Path, batch: int = 8, response_len: int = 32) -
     pairs, _ = load_split(cfg.data, "rl")
     prompts = encode_prompts(load_tokenizer(model_dir), [p.prompt for p in pairs[:batch]], cfg.model.max_prompt_len)
     load.append(os.getloadavg()[0])
-    trl = {policy or "default": trl_in_fresh_process(policy, model_dir, prompts, response_len, steps)
-           for policy in (None, "PASSIVE")}
-    theirs = max(trl.values())
+    trl = {policy: trl_in_fresh_process(None if policy == "default" else policy, model_dir, prompts,
+                                        response_len, steps) for policy in wait_policies}
+    best = max(trl, key=lambda k: trl[k]["samples_per_s"])
+    theirs = trl[best]["samples_per_s"]
     load.append(os.getloadavg()[0])
     stages = {k: sum(r[f"time_stage_{k}"] for r in ours_rows) / len(ours_rows)
               for k in ("generate", "score", "train", "sync")}
+    inner = {k: sum(r[f"time_{k}"] for r in ours_rows) / len(ours_rows)
+             for k in ("generate", "score", "reference", "learner_eval", "train", "sync_load")}
     print("ours per stage (s): " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
-    record("ppo", "samples/s vs TRL PPOTrainer (trl 1.12.0)", f"{ours / theirs:.2f}x", ">= 1.0x",
-           f"tiny Llama (hidden 64, 2 layers), batch {batch}, response {response_len} tokens, prompts <= "
-           f"{cfg.model.max_prompt_len}, T=1 no top-p, 1 epoch x 1 minibatch; ours {ours:.2f} samples/s (Ray: hf "
-           f"rollout + reward + reference + 1 DeepSpeed learner, {cfg.ppo.threads_per_actor} threads each; step "
+    print("ours inside the actors (s): " + ", ".join(f"{k} {v:.2f}" for k, v in inner.items()))
+    print("TRL per stage (s): " + ", ".join(f"{k} {v:.2f}" for k, v in trl[best]["stages"].items()))
+    record("ppo", "samples/s vs TRL PPOTrainer (trl 1.12.0)", f"{ours / theirs:.2f}x", ">= 1.2x",
+           f"{model_name}, {rollout_backend} rollout, batch {batch}, response {response_len} tokens, prompts <= "
+           f"{cfg.model.max_prompt_len}, T=1 no top-p, 1 epoch x 1 minibatch, {steps} timed steps each; ours "
+           f"{ours:.3f} samples/s (Ray: {rollout_backend} rollout + reward + reference + 1 DeepSpeed learner, ZeRO "
+           f"{cfg.ppo.zero_stage}, {cfg.ppo.threads_per_actor} threads each; per step "
            + " + ".join(f"{k} {v:.2f}s" for k, v in stages.items())
-           + f"; sync check every {cfg.ppo.sync_check_every} steps; OMP_WAIT_POLICY PASSIVE), TRL {theirs:.2f} "
-           "samples/s (use_cpu, one process; best of OMP_WAIT_POLICY "
-           + ", ".join(f"{k} {v:.2f}" for k, v in trl.items()) + "); 1-min load avg "
-           + "/".join(f"{x:.1f}" for x in load))
+           + "; inside the actors " + ", ".join(f"{k} {v:.2f}s" for k, v in inner.items())
+           + f"; sync check every {cfg.ppo.sync_check_every} steps; OMP_WAIT_POLICY PASSIVE), TRL {theirs:.3f} "
+           "samples/s (use_cpu, one process; per step "
+           + " + ".join(f"{k} {v:.2f}s" for k, v in trl[best]["stages"].items())
+           + "; OMP_WAIT_POLICY " + ", ".join(f"{k} {v['samples_per_s']:.3f}" for k, v in trl.items())
+           + "); 1-min load avg " + "/".join(f"{x:.1f}" for x in load) + " (shared machine: run one after the other)")
 
 
 def main() -> None:
@@ -175,13 +226,23 @@ def main() -> None:
     parser.add_argument("--part", choices=["breakdown", "trl", "all"], default="all")
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--steps", type=int, default=3, help="timed steps (one warm-up step is added)")
+    parser.add_argument("--model", default="embedded",
+                        help="trl part: an HF causal-LM folder, `embedded` (SmolLM2-135M, default) or `tiny`")
+    parser.add_argument("--rollout-backend", choices=["hf", "vllm"], default="hf", help="trl part: our rollout")
+    parser.add_argument("--trl-wait-policies", nargs="+", default=["default"], choices=["default", "PASSIVE"],
+                        help="trl part: OMP_WAIT_POLICY values TRL runs under (the faster counts)")
+    parser.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None,
+                        help="trl part: our learner's ppo.zero_stage (default: configs/tiny.yaml's)")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # A loaded machine starts Ray's dashboard agent slowly; the raylet's default wait for it is too short.
+    os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
     with tempfile.TemporaryDirectory(prefix="bench-ppo-") as tmp:
         if args.part in ("breakdown", "all"):
             breakdown(args.config, args.steps, Path(tmp))
         if args.part in ("trl", "all"):
-            versus_trl(args.steps, Path(tmp))
+            versus_trl(args.steps, Path(tmp), args.model, args.rollout_backend, args.trl_wait_policies,
+                       args.zero_stage)
 
 
 if __name__ == "__main__":

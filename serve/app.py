@@ -9,6 +9,8 @@
 Two deployments: `TokenRewardAPI` (HTTP, validation, auth, limits, tokenization) sends one call per
 item to `Scorer`, whose `@serve.batch` method runs one forward pass over up to `max_batch_size`
 items from any requests. Scores come from `tlcr_ray.rl.text_scoring`, the library's own scoring path.
+The scorer runs torch with as many threads as Ray reserved CPUs for it (`serve.num_cpus`; auto: the
+whole machine on a one-node Ray), so the reservation and the compute agree.
 """
 from __future__ import annotations
 
@@ -49,6 +51,9 @@ class Scorer:
 
         from tlcr_ray.models import TokenDiscriminator, load_head_model, load_tokenizer
 
+        # Ray exports OMP_NUM_THREADS only for whole CPUs; torch is told directly, from the reservation
+        # Ray actually made (a deploy/serve.yaml ray_actor_options override wins over serve.num_cpus).
+        torch.set_num_threads(replica_threads(serve_cfg.num_cpus))
         model = load_head_model(checkpoint, dtype=serve_cfg.dtype)
         if not isinstance(model, TokenDiscriminator):
             raise ValueError(f"{checkpoint}: a {type(model).__name__}, not a token discriminator")
@@ -71,6 +76,12 @@ class Scorer:
 
     async def score(self, response: str, encoded: Encoded, mode: str) -> ItemScore:
         return await self.score_batch((response, encoded, mode))
+
+    def torch_threads(self) -> int:
+        """torch's intra-op thread count in this replica (what serve.num_cpus turned into)."""
+        import torch
+
+        return torch.get_num_threads()
 
 
 @serve.deployment
@@ -105,6 +116,34 @@ class TokenRewardAPI:
         return await self.scorer.score.remote(response, encoded, mode)
 
 
+def replica_threads(configured: float | None) -> int:
+    """torch threads of a scorer replica: the CPUs Ray assigned to it (else `configured`), at least 1."""
+    import ray
+
+    assigned = ray.get_runtime_context().get_assigned_resources().get("CPU") if ray.is_initialized() else None
+    return max(1, int(assigned or configured or 1))
+
+
+def machine_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def auto_scorer_cpus(max_replicas: int = 1) -> float:
+    """`serve.num_cpus: null`: every core of this machine on a one-node Ray (capped by that node's Ray
+    CPUs so the replica can be placed, and shared among `max_replicas` so all of them can); 1 on a
+    multi-node cluster, whose node sizes we cannot guess. Before Ray is up (it will be started
+    locally on this machine): this machine's cores."""
+    import ray
+
+    cores = machine_cores()
+    if ray.is_initialized():
+        nodes = [node for node in ray.nodes() if node.get("Alive")]
+        if len(nodes) != 1:
+            return 1.0
+        cores = min(cores, int(nodes[0].get("Resources", {}).get("CPU", cores)))
+    return float(max(1, cores // max(1, max_replicas)))
+
+
 def resolve_checkpoint(cfg: Config, checkpoint: str | None = None) -> str:
     return str(resolve_discriminator(cfg, checkpoint))
 
@@ -131,7 +170,7 @@ def build_application(cfg: Config, checkpoint: str | None = None, ingress_env: d
     validate(cfg.serve)
     checkpoint = resolve_checkpoint(cfg, checkpoint)
     tokenizer = tokenizer_folder(cfg, checkpoint)
-    s = cfg.serve
+    s = cfg.serve if cfg.serve.num_cpus is not None else replace(cfg.serve, num_cpus=auto_scorer_cpus(cfg.serve.max_replicas))
     scorer = Scorer.options(
         max_ongoing_requests=s.max_ongoing_requests,
         autoscaling_config={"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
@@ -163,9 +202,10 @@ def build_app(args: dict):
 def run_cli(cfg: Config, args) -> dict:
     """`tlcr serve`: start (or join) Ray, deploy, block until Ctrl-C, then shut Serve down."""
     cfg.serve = replace(cfg.serve, host=args.host or cfg.serve.host, port=args.port or cfg.serve.port)
-    checkpoint = resolve_checkpoint(cfg, args.checkpoint)
+    validate(cfg.serve)
+    checkpoint = resolve_checkpoint(cfg, args.checkpoint)  # a bad checkpoint fails before Ray starts
+    ensure_ray()  # first: serve.num_cpus auto reads the node's CPUs
     application = build_application(cfg, checkpoint)
-    ensure_ray()
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(application, name=APP_NAME, route_prefix="/")
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"

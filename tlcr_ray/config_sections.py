@@ -305,8 +305,11 @@ class ServeConfig:
     max_replicas: int = 1
     target_ongoing_requests: float = 32.0
     """Autoscaling target: items in flight per scorer replica."""
-    num_cpus: float = 1.0
-    """CPUs per scorer replica (torch uses this many threads)."""
+    num_cpus: float | None = bounded(None, gt=0)
+    """CPUs per scorer replica: both its Ray reservation and its torch thread count (a fraction runs
+    1 thread). None (auto): every core of the machine when Ray runs on one node (`tlcr serve` on a
+    laptop or a CPU box), capped by that node's Ray CPUs and divided by max_replicas; 1 on a
+    multi-node cluster, where you should size it to your worker nodes."""
     num_gpus: float = 0.0
     """GPUs per scorer replica (> 0 puts the model on cuda)."""
 

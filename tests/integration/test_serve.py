@@ -171,6 +171,29 @@ def test_64_concurrent_clients_get_their_own_answers(url, spread_disc, tokenizer
         assert item["sum"] == pytest.approx(w.sum, abs=1e-5)
 
 
+def test_the_scorer_runs_as_many_torch_threads_as_it_has_cpus(url, ray_local, spread_disc_dir):
+    """serve.num_cpus (default auto: every core of a one-node Ray, capped by the node's Ray CPUs) is both
+    the replica's reservation and its torch thread count; an explicit value is used as it is."""
+    import os
+
+    from ray import serve
+
+    from serve.app import build_application
+
+    def threads(app_name: str) -> int:
+        return serve.get_deployment_handle("Scorer", app_name=app_name).torch_threads.remote().result()
+
+    cores, node_cpus = len(os.sched_getaffinity(0)), int(ray_local.cluster_resources()["CPU"])
+    assert load_config(None).serve.num_cpus is None
+    assert threads("tlcr-test") == min(cores, node_cpus)
+    serve.run(build_application(load_config(None, ["serve.num_cpus=1"]), spread_disc_dir),
+              name="tlcr-one-cpu", route_prefix="/one-cpu")
+    try:
+        assert threads("tlcr-one-cpu") == 1
+    finally:
+        serve.delete("tlcr-one-cpu")
+
+
 def test_metrics_reach_the_prometheus_endpoint(url, ray_local):
     """Request count, latency, batch size and tokens scored, as exported by Ray's metrics agent."""
     post(url, "/v1/token-rewards", {"items": [ITEM]})

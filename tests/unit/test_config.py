@@ -26,6 +26,7 @@ BAD = [
     ("data.split", "train"), ("pipeline.ppo_modes", "[continuous, dense]"),
     ("ppo.temperature", "0"), ("ppo.temperature", "-1.0"), ("ppo.top_p", "1.5"), ("ppo.mini_batch_size", "0"),
     ("ppo.sync_check_every", "0"), ("ppo.warmup_steps", "-1"), ("ppo.lam", "1.5"),
+    ("serve.num_cpus", "0"), ("serve.num_cpus", "-2"),
 ]
 
 
@@ -62,6 +63,13 @@ def test_an_override_changes_only_its_own_section_under_a_yaml_alias():
 def test_the_shipped_configs_are_valid():
     for name in ("demo.yaml", "tiny.yaml", "a100-7b.yaml"):
         load_config(REPO / "configs" / name)
+
+
+def test_serve_num_cpus_is_auto_by_default_and_takes_a_number_or_null():
+    assert load_config(None).serve.num_cpus is None
+    assert load_config(None, ["serve.num_cpus=2"]).serve.num_cpus == 2
+    assert load_config(None, ["serve.num_cpus=0.5"]).serve.num_cpus == 0.5
+    assert load_config(None, ["serve.num_cpus=null"]).serve.num_cpus is None
 
 
 def test_reward_thresholds_are_checked_together():

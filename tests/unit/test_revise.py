@@ -286,3 +286,18 @@ def test_instruction_carries_both_responses_and_the_wire_format():
     assert system["role"] == "system" and user["role"] == "user"
     for needle in (CHOSEN.strip(), REJECTED.strip(), "Human: How do I keep", OPEN_TAG, CLOSE_TAG, "as little as possible"):
         assert needle in user["content"]
+
+
+def test_a_reply_is_read_from_its_json_and_a_non_completion_is_a_request_error():
+    from tlcr_ray.labeling.revise import reply_from_json
+
+    completion = {"choices": [{"finish_reason": "stop", "message": {"content": "hi", "refusal": None}}],
+                  "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}
+    row = reply_from_json("k", "p", completion)
+    assert row["reply"] == {"content": "hi", "refusal": None, "finish_reason": "stop"}
+    assert row["usage"] == {"prompt_tokens": 3, "completion_tokens": 1} and "error" not in row
+    assert reply_from_json("k", "p", {"choices": []})["reply"] is None
+    assert reply_from_json("k", "p", {"choices": [{"message": {"content": "x"}}]})["usage"] == {}
+    for junk in (["a list"], "an HTML page", {"choices": "no"}):
+        row = reply_from_json("k", "p", junk)
+        assert row["error"] == "request_error:UnexpectedReply" and "reply" not in row and row["transient"]
