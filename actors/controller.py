@@ -20,6 +20,7 @@ from ray.exceptions import RayActorError
 from tqdm import tqdm
 
 from actors.groups import ActorGroups, get_all
+from actors.phases import PhaseHooks
 from tlcr_ray.config import Config, ConfigError
 from tlcr_ray.data.pairs import load_split, rl_prompt_pools
 from tlcr_ray.data.tokens import encode_prompts
@@ -45,10 +46,12 @@ class PPOLoop:
         self.cfg, self.ppo, self.groups, self.prompts, self.pad_id = cfg, cfg.ppo, groups, prompts, pad_id
         self.ckpts, self.metrics = ckpts, metrics
         self.synced = False
+        self.hooks = PhaseHooks.for_groups(groups, metrics)  # ppo.colocate all's sleep/offload; else no-ops
 
     def step(self, state: dict) -> dict:
         ppo, g = self.ppo, self.groups
         t_start = time.perf_counter()
+        self.hooks.step = state["step"] + 1
         prompt_ids = sample_prompts(self.prompts, ppo.prompts_per_step, ppo.seed, state)
         seed = int(state["rng"].integers(2**31))
         remax = ppo.algorithm == "remax"
@@ -58,6 +61,7 @@ class PPOLoop:
         gen, greedy = get_all(sample_refs), get_all(greedy_refs)
         batch = merge_batches([b for b, _ in gen])
         t_generated = time.perf_counter()
+        t_phases = self.hooks.after_generate()
         batch_ref = ray.put(batch)
         score_refs = self._score(batch_ref, len(prompt_ids))
         if remax:
@@ -93,8 +97,10 @@ class PPOLoop:
         eval_seconds, ref_seconds = max(e["seconds"] for e in evals), max(r["seconds"] for r in refs)
         del done, evals, refs  # drops a full-KL step's [batch, R, vocab] logits before the update
         t_adv = time.perf_counter()
+        t_phases += self.hooks.before_train()
         train = get_all(g.learners.train(batch_ref, self.pad_id, ray.put(adv["advantages"]),
                                          ray.put(adv["returns"]), ray.put(old_logprobs), ray.put(values)))
+        t_phases += self.hooks.after_train()
         t_trained = time.perf_counter()
         # Checked on this attempt's first sync (fresh or recreated engines), then every Nth step.
         check = ppo.sync_check and (not self.synced or (state["step"] + 1) % ppo.sync_check_every == 0)
@@ -118,6 +124,7 @@ class PPOLoop:
             "time_learner_eval": eval_seconds,
             "time_train": max(t["seconds"] for t in train),
             "time_sync": sync.pop("seconds"),
+            "time_phases": t_phases,  # ppo.colocate all: sleep/wake and offload/reload hooks (in the stages)
             "time_stage_generate": t_generated - t_start,
             "time_stage_score": t_scored - t_generated,
             "time_stage_advantages": t_adv - t_scored,
@@ -184,13 +191,15 @@ class PPOLoop:
     def run(self, state: dict) -> None:
         with tqdm(total=self.ppo.steps, initial=state["step"], desc=f"ppo-{RunLayout.ppo_run_name(self.cfg)}",
                   unit="step", dynamic_ncols=True) as bar:
+            self.hooks.start()
             while state["step"] < self.ppo.steps:
                 row = self.step(state)
                 state["step"] += 1
                 # Metrics first: a crash before the checkpoint completes rolls both back together.
                 self.metrics.write(state["step"], row)
                 if state["step"] % self.ppo.checkpoint_every == 0 or state["step"] == self.ppo.steps:
-                    self.checkpoint(state)
+                    with self.hooks.learner_resident():
+                        self.checkpoint(state)
                 bar.update(1)
                 bar.set_postfix(reward=f"{row['reward_token_mean']:.3f}", kl=f"{row['kl']:.3f}",
                                 s=f"{row['time_step']:.1f}")
@@ -218,6 +227,10 @@ def _resolve_paths(cfg: Config) -> tuple[str, str]:
 
 def run(cfg: Config, args=None) -> dict:
     """`tlcr ppo`: the whole run, resuming from the last checkpoint and surviving lost actors."""
+    if getattr(args, "dry_run", False):  # `--dry-run`: placement and memory plan only (actors.dry_run)
+        from actors.dry_run import ppo_dry_run
+
+        return ppo_dry_run(cfg)
     # A GPU config that cannot fit is refused before Ray or any model starts (`tlcr plan`, tlcr_ray/plan.py).
     require_fit(cfg, [f"ppo.{g}" for g in ("rollout", "reward", "reference", "learner")
                       if getattr(cfg.ppo, g).num_gpus > 0], "ppo")

@@ -1,43 +1,43 @@
-"""The PPO actor groups: rollout, reward, reference and learner actors, each group on its own PACKed
-placement group, created together and shut down together (a lost actor means the whole set is
-recreated and the run resumes from its last checkpoint)."""
+"""The PPO actor groups: rollout, reward, reference and learner actors on the placement groups that
+`tlcr_ray.placement` lays out (ppo.colocate none: one per group, the learner's first and STRICT_PACK
+when it fits a node; all: one shared group), created together and shut down together (a lost actor
+means the whole set is recreated and the run resumes from its last checkpoint)."""
 from __future__ import annotations
 
 import os
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.learner import LearnerGroup
+from actors.placement import create_placement_groups, node_resources, remove_all
 from actors.reference import Reference
 from actors.reward import RewardScorer
 from actors.rollout import Rollout
 from tlcr_ray.config import Config
+from tlcr_ray.placement import ActorSlot, ppo_placement
+from tlcr_ray.rl.rollout import resolve_backend
 from tlcr_ray.rl.weight_sync import weight_sync_method
 
 
-def _bundle(res) -> dict:
-    bundle = {"CPU": res.num_cpus, **res.resources}
-    if res.num_gpus:
-        bundle["GPU"] = res.num_gpus
-    return bundle
+def engine_kwargs_of(cfg: Config) -> dict:
+    """The `make_engine` keywords every rollout engine shares (its seed and placement settings are added)."""
+    ppo = cfg.ppo
+    return {"dtype": cfg.model.dtype, "gpu_memory_utilization": ppo.vllm_memory_utilization,
+            "tensor_parallel_size": ppo.vllm_tensor_parallel, "kv_cache_gib": ppo.vllm_kv_cache_gib,
+            # +1: scoring a full prompt + response still asks vLLM for one new token.
+            "max_model_len": cfg.model.max_prompt_len + cfg.model.max_response_len + 1}
 
 
 class ActorGroups:
-    """Rollout, reward, reference and learner actors, each group on its own PACKed placement group."""
+    """Rollout, reward, reference and learner actors on their placement groups (`tlcr_ray.placement`)."""
 
     def __init__(self, cfg: Config, policy_dir: str, rollout_dir: str, reward_dir: str, attempt: int = 0):
         ppo = cfg.ppo
-        self.pgs = {}
-        for name in ("rollout", "reward", "reference", "learner"):
-            res = getattr(ppo, name)
-            pg = placement_group([_bundle(res)] * res.num_actors, strategy="PACK", name=f"tlcr-ppo-{name}")
-            if not pg.wait(timeout_seconds=300):
-                remove_placement_group(pg)
-                raise RuntimeError(f"ppo.{name}: cannot place {res.num_actors} x {_bundle(res)} on this cluster "
-                                   f"(available: {ray.available_resources()})")
-            self.pgs[name] = pg
+        self.colocated = ppo.colocate == "all"
+        self.layout = ppo_placement(ppo, resolve_backend(ppo.rollout_backend), node_resources())
+        self.pgs = create_placement_groups(self.layout.groups, ppo.placement_wait_s)
+        self.startup_events: list[dict] = []  # ppo.colocate all: the phase hooks run while starting
 
         # Idle OpenMP threads sleep instead of spinning: the actors share cores, and spinning threads of
         # an idle actor (or of a co-tenant) slowed the busy one about 4x on a loaded 2-core machine.
@@ -46,33 +46,39 @@ class ActorGroups:
             env_vars["OMP_NUM_THREADS"] = str(ppo.threads_per_actor)
         runtime_env = {"env_vars": env_vars}  # merged into the job's runtime env
 
-        def opts(name: str, i: int) -> dict:
-            res = getattr(ppo, name)
+        def opts(slot: ActorSlot) -> dict:
             # Named per attempt so a recreated group never collides with a dying one.
-            return {"name": f"tlcr-ppo-{name}-{i}-a{attempt}", "num_cpus": res.num_cpus, "num_gpus": res.num_gpus,
-                    "resources": res.resources or None, "runtime_env": runtime_env,
-                    "scheduling_strategy": PlacementGroupSchedulingStrategy(self.pgs[name], placement_group_bundle_index=i)}
+            return {"name": f"tlcr-ppo-{slot.group}-{slot.index}-a{attempt}", "num_cpus": slot.num_cpus,
+                    "num_gpus": slot.num_gpus, "resources": slot.resources or None,
+                    "runtime_env": {"env_vars": {**env_vars, **slot.env_vars}},
+                    "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                        self.pgs[slot.placement_group], placement_group_bundle_index=slot.bundle)}
 
         dtype = cfg.model.dtype
-        engine_kwargs = {"dtype": dtype, "gpu_memory_utilization": ppo.vllm_memory_utilization,
-                         "tensor_parallel_size": ppo.vllm_tensor_parallel, "kv_cache_gib": ppo.vllm_kv_cache_gib,
-                         # +1: scoring a full prompt + response still asks vLLM for one new token.
-                         "max_model_len": cfg.model.max_prompt_len + cfg.model.max_response_len + 1}
-        self.rollouts = [Rollout.options(**opts("rollout", i)).remote(
-            rollout_dir, ppo.rollout_backend, {**engine_kwargs, "seed": ppo.seed + i})
-            for i in range(ppo.rollout.num_actors)]
-        self.scorers = [RewardScorer.options(**opts("reward", i)).remote(reward_dir, cfg.reward, dtype)
-                        for i in range(ppo.reward.num_actors)]
-        self.references = [Reference.options(**opts("reference", i)).remote(policy_dir, dtype, ppo.temperature)
-                           for i in range(ppo.reference.num_actors)]
+        self.rollouts = [Rollout.options(**opts(s)).remote(
+            rollout_dir, ppo.rollout_backend, {**engine_kwargs_of(cfg), **s.engine_kwargs, "seed": ppo.seed + s.index})
+            for s in self.layout.of("rollout")]
+        if self.colocated:
+            # vLLM sizes its memory from what is free when it starts: the engines start (and fall asleep)
+            # before the learner and the scorers take their share of the same GPUs.
+            get_all([r.pid.remote() for r in self.rollouts])
+            self.startup_events.append({"group": "rollout", "hook": "sleep",
+                                        "results": get_all([r.sleep.remote() for r in self.rollouts])})
+        self.scorers = [RewardScorer.options(**opts(s)).remote(reward_dir, cfg.reward, dtype)
+                        for s in self.layout.of("reward")]
+        self.references = [Reference.options(**opts(s)).remote(policy_dir, dtype, ppo.temperature)
+                           for s in self.layout.of("reference")]
         # ppo.critic_init: reward -> the run's discriminator or sequence RM (whichever reward_dir is), head
         # weights included; policy -> the initial policy's backbone with a fresh head.
         critic_dir = reward_dir if ppo.critic_init == "reward" else policy_dir
-        self.learners = LearnerGroup(policy_dir, ppo, dtype, self.pgs["learner"], name=f"tlcr-ppo-learner-a{attempt}",
+        (learner_pg,) = {s.placement_group for s in self.layout.of("learner")}
+        self.learners = LearnerGroup(policy_dir, ppo, dtype, self.pgs[learner_pg], name=f"tlcr-ppo-learner-a{attempt}",
                                      runtime_env=runtime_env, critic_dir=critic_dir)
         get_all(self.learners.ready)
-        self.sync_method = weight_sync_method(ppo.rollout_backend, ppo.learner.num_gpus > 0)
+        self.sync_method = weight_sync_method(ppo.rollout_backend, ppo.learner.num_gpus > 0, self.colocated)
         self.weight_update_info = self.connect_nccl_sync(ppo) if self.sync_method == "nccl" else None
+        # Colocated, the engines stay asleep until the loop starts (`PhaseHooks.start`): a resumed run first
+        # loads the learner's checkpoint into its resident states.
 
     def connect_nccl_sync(self, ppo) -> dict:
         """One NCCL group: learner rank 0 is rank 0, rollout i's TP workers follow it. Returns the
@@ -95,8 +101,7 @@ class ActorGroups:
         for group in self.actors().values():
             for actor in group:
                 ray.kill(actor, no_restart=True)
-        for pg in self.pgs.values():
-            remove_placement_group(pg)
+        remove_all(self.pgs)
 
 
 def get_all(refs: list) -> list:

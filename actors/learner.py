@@ -16,6 +16,7 @@ import torch
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from tlcr_ray.rl.batch import RolloutBatch
+from tlcr_ray.rl.colocate import offload_learner, reload_learner
 from tlcr_ray.rl.learner import PPOLearner
 from tlcr_ray.rl.rendezvous import free_port, needs_tcp_rendezvous, rendezvous_init_method
 
@@ -65,6 +66,12 @@ class LearnerWorker:
 
     def save_checkpoint(self, folder: str) -> None:
         self.learner.save_checkpoint(folder)
+
+    def offload_states(self) -> dict:
+        return offload_learner(self.learner)
+
+    def reload_states(self) -> dict:
+        return reload_learner(self.learner)
 
     def load_checkpoint(self, folder: str) -> None:
         self.learner.load_checkpoint(folder)
@@ -124,6 +131,13 @@ class LearnerGroup:
 
     def save_checkpoint(self, folder: str) -> list:
         return [w.save_checkpoint.remote(folder) for w in self.workers]
+
+    def offload_states(self) -> list:
+        """ppo.colocate all: optimizer states to host while the rollout engines generate (`tlcr_ray.rl.colocate`)."""
+        return [w.offload_states.remote() for w in self.workers]
+
+    def reload_states(self) -> list:
+        return [w.reload_states.remote() for w in self.workers]
 
     def load_checkpoint(self, folder: str) -> list:
         return [w.load_checkpoint.remote(folder) for w in self.workers]

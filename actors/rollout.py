@@ -13,7 +13,8 @@ from tlcr_ray.rl.rollout import make_engine
 @ray.remote(max_restarts=0)
 class Rollout(ActorBase):
     def __init__(self, model_dir: str, backend: str, engine_kwargs: dict):
-        """`engine_kwargs`: `tlcr_ray.rl.batch.make_engine` keywords (dtype, seed, vLLM sizes)."""
+        """`engine_kwargs`: `tlcr_ray.rl.rollout.make_engine` keywords (dtype, seed, vLLM sizes, and the
+        executor/sleep settings of its placement, `tlcr_ray.placement`)."""
         device = actor_device().type
         self.engine = make_engine(backend, model_dir, device=device, **engine_kwargs)
 
@@ -38,6 +39,13 @@ class Rollout(ActorBase):
         start = time.perf_counter()
         self.engine.receive_weights(update_info)
         return time.perf_counter() - start
+
+    # ppo.colocate all: free the shared GPU between generations (no-ops that say why where unsupported).
+    def sleep(self) -> dict:
+        return self.engine.sleep()
+
+    def wake_up(self) -> dict:
+        return self.engine.wake_up()
 
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
         return self.engine.score(prompt_ids, response_ids)

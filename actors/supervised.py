@@ -39,15 +39,23 @@ CHECKPOINT_TAG = "ds"
 
 
 def run_sft(cfg, args=None) -> dict:
-    return train_stage(cfg, "sft")
+    return _dry_run_or_train(cfg, "sft", args)
 
 
 def run_disc(cfg, args=None) -> dict:
-    return train_stage(cfg, "disc")
+    return _dry_run_or_train(cfg, "disc", args)
 
 
 def run_rm(cfg, args=None) -> dict:
-    return train_stage(cfg, "rm")
+    return _dry_run_or_train(cfg, "rm", args)
+
+
+def _dry_run_or_train(cfg, stage: str, args) -> dict:
+    if getattr(args, "dry_run", False):  # `--dry-run`: the placement and the memory plan, no model (actors.dry_run)
+        from actors.dry_run import supervised_dry_run
+
+        return supervised_dry_run(cfg, stage)
+    return train_stage(cfg, stage)
 
 
 def run_dpo(cfg, args=None) -> dict:
@@ -87,7 +95,9 @@ def train_stage(cfg, stage: str) -> dict:
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if train_cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
-                                     resources_per_worker={"CPU": train_cfg.cpus_per_worker}),
+                                     resources_per_worker={"CPU": train_cfg.cpus_per_worker},
+                                     # one node when it holds every worker: ZeRO's collectives stay on NVLink
+                                     placement_strategy=_worker_strategy(stage, train_cfg)),
         run_config=RunConfig(name=paths.ray_storage.name, storage_path=str(stage_dir),  # <stage>/ray
                              checkpoint_config=CheckpointConfig(num_to_keep=train_cfg.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=train_cfg.max_failures)),
@@ -107,6 +117,13 @@ def train_stage(cfg, stage: str) -> dict:
     }
     write_json_atomic(paths.summary, summary)
     return summary
+
+
+def _worker_strategy(stage: str, train_cfg) -> str:
+    from actors.dry_run import supervised_layout
+    from actors.placement import node_resources
+
+    return supervised_layout(stage, train_cfg, node_resources()).groups[0].strategy
 
 
 class _ProgressFromMetrics:

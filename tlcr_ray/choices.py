@@ -25,6 +25,9 @@ LR_SCHEDULES = ("constant", "cosine")
 """`sft|disc|rm.lr_schedule` and `ppo.lr_schedule`."""
 ROLLOUT_BACKENDS = ("auto", "hf", "vllm")
 """`ppo.rollout_backend` (auto: vLLM when importable)."""
+COLOCATE = ("none", "all")
+"""`ppo.colocate`: every actor group on its own placement group, or all of them sharing one placement group of
+GPU bundles with fractional GPU requests (the rollout sleeps and the learner offloads between phases)."""
 CRITIC_INITS = ("reward", "policy")
 """`ppo.critic_init`: the run's reward model (discriminator or sequence RM) or the initial policy."""
 RESUME = ("auto", "never")

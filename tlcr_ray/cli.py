@@ -7,6 +7,7 @@
     tlcr dpo        --config configs/demo.yaml          # baselines: DPO and FIGA from the SFT model
     tlcr figa       --config configs/demo.yaml
     tlcr ppo        --config configs/demo.yaml          # also: python -m tlcr_ray.cli ppo ... (ray job submit)
+    tlcr ppo        --config configs/a100-7b.yaml --dry-run   # placement + memory plan on the cluster, no model
     tlcr eval       disc|rm|dpo|mt-bench|alpaca-eval|judge-table --config ...
     tlcr serve      --checkpoint runs/demo/disc/model [--host 127.0.0.1 --port 8000]
     tlcr score      --checkpoint runs/demo/disc/model --input pairs.jsonl --output scores.jsonl
@@ -63,7 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tlcr", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, spec in COMMANDS.items():
-        _add_config_args(sub.add_parser(name, help=spec[2]))
+        p = sub.add_parser(name, help=spec[2])
+        _add_config_args(p)
+        if name != "label":
+            p.add_argument("--dry-run", action="store_true",
+                           help="create the run's placement groups on the cluster (RAY_ADDRESS or local), print where "
+                                "every actor would go and the memory plan per GPU, release them; exit 2 if it does "
+                                "not fit. No model is loaded")
     p = sub.add_parser("pipeline", help="every stage from one config, skipping finished ones")
     _add_config_args(p)
     p.add_argument("--force", action="store_true", help="rerun stages whose output exists")

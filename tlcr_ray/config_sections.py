@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tlcr_ray.choices import (
+    COLOCATE,
     CRITIC_INITS,
     DTYPE_ALIASES,
     DTYPES,
@@ -245,8 +246,24 @@ class PPOConfig:
     """With ppo.truncated=penalize: subtracted from the reward of a truncated response's last token."""
     rollout_backend: str = choice("auto", ROLLOUT_BACKENDS)
     """vllm, hf, or auto (vLLM when importable)."""
-    vllm_tensor_parallel: int = 1
-    vllm_memory_utilization: float = 0.5
+    vllm_tensor_parallel: int = bounded(1, ge=1)
+    """GPUs (tensor-parallel workers) per vLLM engine. Above 1 each TP rank gets its own 1-GPU bundle and vLLM's
+    Ray executor places its workers on them (`tlcr_ray.placement`); the NCCL weight sync then has
+    1 + rollout.num_actors x this ranks."""
+    vllm_memory_utilization: float = bounded(0.5, gt=0.0, le=1.0)
+    """Share of each GPU (RAM on CPU) one vLLM worker takes. With colocate: all the GPU is shared: keep the
+    sum of what the colocated groups need below 1 (`tlcr plan` adds them up)."""
+    colocate: str = choice("none", COLOCATE)
+    """`none`: each group on its own placement group (separate GPUs; ppo.<group>.num_gpus are GPUs per actor,
+    for a TP engine its TP degree). `all`: one placement group of ppo.learner.num_actors bundles, every
+    group's actors on them (learner rank r on bundle r, rollout engine i's TP workers on bundles
+    i*TP.., reference/reward from the last bundle down) with ppo.<group>.num_gpus read as each actor's
+    share of its bundle's one GPU (shares on a bundle sum to <= 1). Between phases the rollout engines
+    sleep (vLLM sleep mode; HF moves its weights to host) and the learner offloads its optimizer
+    states (DeepSpeed offload_states); both are no-ops on CPU, logged to <run>/phases.jsonl."""
+    placement_wait_s: float = bounded(300.0, gt=0.0)
+    """How long a placement group may wait for its resources (an autoscaling cluster adds nodes meanwhile)
+    before the stage fails naming what is missing; also the wait of `--dry-run`."""
     threads_per_actor: int = 0
     """torch/OMP threads in each PPO actor (0: Ray's default, the actor's num_cpus). The loop's stages
     run mostly one after another, so on a small CPU machine every actor may use all cores."""

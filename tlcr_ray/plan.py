@@ -155,7 +155,8 @@ def plan_learner(cfg, m: ModelShape, checkpointing: bool = False) -> dict:
     # The sync: ZeRO-3 gathers the whole policy on every rank; rank 0 clones it (tied: the embedding twice).
     gathered = e * m.params if z == 3 else 0
     clone = e * (m.params + (m.vocab * m.hidden if m.tied else 0))
-    nccl = on_gpu and _backend(cfg) == "vllm"
+    # Colocated engines cannot join an NCCL group with a rank on their own GPU: the object store carries the sync.
+    nccl = on_gpu and _backend(cfg) == "vllm" and getattr(ppo, "colocate", "none") == "none"
     # nccl: the clone and the broadcast buffers on the GPU; object store: the clone and its copy in the store on host.
     sync_device = gathered + ((clone + SYNC_BUFFERS if nccl else 0) if on_gpu else 2 * clone)
     phases = {"train": base + max(_train_extra(actor, z, act_actor), _train_extra(critic, z, act_critic)),
@@ -238,6 +239,10 @@ def _group(cfg, name: str, m: ModelShape, gpu_memory: int, host_memory: int | No
                if g == "rollout" else plan_scorer(cfg, g, m))
         actors = getattr(cfg.ppo, g).num_actors
     peak, room = out["per_gpu"]["peak"], gpu_memory if out["device"] == "cuda" else host_memory
+    if getattr(cfg.ppo, "colocate", "none") == "all" and g != name:
+        # Colocated, each group's actors sit on distinct bundles: one process of the group per GPU.
+        out["per_gpu"]["peak"], out["gpus"] = max(out["phases"].values()), cfg.ppo.learner.num_actors
+        peak = out["per_gpu"]["peak"]
     if out["device"] != "cuda":  # CPU: all of the group's processes on this host
         peak *= actors
         out.update(cpu=True, host_bytes=peak)
@@ -256,8 +261,13 @@ def plan(cfg, gpu_memory_bytes: int, host_memory_bytes: int | None = None, group
     for name, g in out.items():
         if knobs and not g["fits"]:
             g["knobs"] = suggest(cfg, name, m, gpu_memory_bytes, host_memory_bytes)
-    return {"gpu": gpu, "gpu_memory_bytes": gpu_memory_bytes, "host_memory_bytes": host_memory_bytes,
-            "fits": all(g["fits"] for g in out.values()) and cpu_ok, "cpu_ppo_total_bytes": cpu_ppo,
+    from tlcr_ray.plan_colocate import plan_colocated  # it reads this module's pieces
+
+    colocated = plan_colocated(cfg, out, gpu_memory_bytes)
+    extra = {"colocated": colocated} if colocated else {}
+    return {**extra, "gpu": gpu, "gpu_memory_bytes": gpu_memory_bytes, "host_memory_bytes": host_memory_bytes,
+            "fits": all(g["fits"] for g in out.values()) and cpu_ok and (not colocated or colocated["fits"]),
+            "cpu_ppo_total_bytes": cpu_ppo,
             "model": {"base": cfg.model.base, **dataclasses.asdict(m), "params": m.params,
                       "backbone_params": m.backbone_params},
             "offload": "not configured", "groups": out}
@@ -359,6 +369,10 @@ def format_table(report: dict, config_name: str = "") -> str:
     for name, g in report["groups"].items():
         if g.get("knobs"):
             lines.append(f"\nto fit {name}: " + "; ".join(g["knobs"]))
+    if report.get("colocated"):
+        from tlcr_ray.plan_colocate import format_colocated
+
+        lines.append(format_colocated(report["colocated"]))
     lines += ["", "GiB per GPU (cpu: per process); peak = the largest phase, not the columns' sum (tlcr_ray/plan.py). "
               + ("Everything fits." if report["fits"] else "It does NOT fit.")]
     return "\n".join(lines)
@@ -390,6 +404,13 @@ def require_fit(cfg, groups, what: str) -> dict | None:
         if "model.base" not in str(exc):
             raise
         return print(f"{what}: memory plan skipped: {exc}", flush=True)
+    col = report.get("colocated")
+    if col and not col["fits"]:
+        raise ConfigError(f"ppo.colocate all does not fit {gpu}: bundle {col['worst_bundle']} ({', '.join(col['groups'])}) "
+                          f"needs about {col['peak'] / GIB:.1f} GiB at its peak ({col['peak_phase']}), the GPU has "
+                          f"{report['gpu_memory_bytes'] / GIB:.1f} GiB. Lower ppo.vllm_memory_utilization, spread the "
+                          f"groups (more bundles: ppo.learner.num_actors), or use ppo.colocate none. `tlcr plan` shows "
+                          f"the phases.")
     for name, g in report["groups"].items():
         if not g["fits"] and not g.get("cpu"):
             raise ConfigError(

@@ -13,7 +13,7 @@ from tlcr_ray.plan import GIB, engine_states, format_table, gpu_bytes, model_sta
 from tlcr_ray.plan_models import TABLE, model_shape, shape_from_config
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIGS = ["demo.yaml", "tiny.yaml", "a100-7b.yaml"]
+CONFIGS = ["demo.yaml", "tiny.yaml", "a100-7b.yaml", "a100-7b-2node.yaml"]
 PER_GPU = {"model_states", "activations", "kv_cache", "buffers", "peak"}
 
 
@@ -112,14 +112,15 @@ def test_plan_json_schema_for_every_shipped_config(name, capsys):
             + per["buffers"]
         assert group["per_gpu"]["peak"] == max(group["phases"].values())
         assert group.get("cpu", False) == (group["gpus"] == 0)
-    if name != "a100-7b.yaml":  # CPU configs: planned as host processes
+    if not name.startswith("a100-7b"):  # CPU configs: planned as host processes
         assert all(g["cpu"] and g["host_bytes"] > 0 for g in report["groups"].values())
     else:
         assert report["fits"] and report["gpu"] == "a100-80gb"  # the config's own `gpu`
 
 
 def test_a100_7b_plan_numbers():
-    report = plan(load_config(REPO / "configs" / "a100-7b.yaml"), gpu_bytes("a100-80gb"))
+    # The separate-pools layout (one vLLM engine per GPU); the colocated one: tests/unit/test_placement.py.
+    report = plan(load_config(REPO / "configs" / "a100-7b-2node.yaml"), gpu_bytes("a100-80gb"))
     learner = report["groups"]["ppo.learner"]
     assert learner["peak_phase"] == "sync"  # the whole-model gather + rank 0's clone
     assert learner["breakdown"]["sync_gathered"] == 2 * report["model"]["params"]

@@ -19,10 +19,14 @@ PACKED_BUFFER_SIZE_BYTES = 1024 * 1024 * 1024
 PACKED_NUM_BUFFERS = 2
 
 
-def weight_sync_method(backend: str, learner_on_cuda: bool) -> str:
+def weight_sync_method(backend: str, learner_on_cuda: bool, colocated: bool = False) -> str:
     """How learner weights reach the rollout engines: "nccl" (learner rank 0 broadcasts into the
-    vLLM workers, GPU to GPU) when vLLM serves a CUDA learner, else "object_store" (a CPU state dict
-    put once and loaded by every engine)."""
+    vLLM workers, GPU to GPU) when vLLM serves a CUDA learner on other GPUs, else "object_store" (a CPU
+    state dict put once and loaded by every engine: on one node, host shared memory). Colocated
+    (ppo.colocate all) engines share a GPU with a learner rank, and NCCL cannot put two ranks of one
+    group on one GPU, so they take the object store."""
+    if colocated:
+        return "object_store"
     return "nccl" if learner_on_cuda and resolve_backend(backend) == "vllm" else "object_store"
 
 

