@@ -404,6 +404,12 @@ def require_fit(cfg, groups, what: str) -> dict | None:
         if "model.base" not in str(exc):
             raise
         return print(f"{what}: memory plan skipped: {exc}", flush=True)
+    for name, g in report["groups"].items():
+        if not g["fits"] and not g.get("cpu"):
+            raise ConfigError(
+                f"{name} does not fit {gpu}: about {g['per_gpu']['peak'] / GIB:.1f} GiB per GPU at its peak "
+                f"({g['peak_phase']}), the GPU has {report['gpu_memory_bytes'] / GIB:.1f} GiB. To fit: "
+                f"{'; '.join(g.get('knobs', []))}. `tlcr plan --config ...` shows the whole plan.")
     col = report.get("colocated")
     if col and not col["fits"]:
         raise ConfigError(f"ppo.colocate all does not fit {gpu}: bundle {col['worst_bundle']} ({', '.join(col['groups'])}) "
@@ -411,10 +417,4 @@ def require_fit(cfg, groups, what: str) -> dict | None:
                           f"{report['gpu_memory_bytes'] / GIB:.1f} GiB. Lower ppo.vllm_memory_utilization, spread the "
                           f"groups (more bundles: ppo.learner.num_actors), or use ppo.colocate none. `tlcr plan` shows "
                           f"the phases.")
-    for name, g in report["groups"].items():
-        if not g["fits"] and not g.get("cpu"):
-            raise ConfigError(
-                f"{name} does not fit {gpu}: about {g['per_gpu']['peak'] / GIB:.1f} GiB per GPU at its peak "
-                f"({g['peak_phase']}), the GPU has {report['gpu_memory_bytes'] / GIB:.1f} GiB. To fit: "
-                f"{'; '.join(g.get('knobs', []))}. `tlcr plan --config ...` shows the whole plan.")
     return report

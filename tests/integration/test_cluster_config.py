@@ -253,37 +253,65 @@ GROUPS = ("rollout", "reward", "reference", "learner")
 
 
 def _nodes_needed(ppo, node_cpus: float, node_gpus: float) -> int:
-    """First-fit of every actor's bundle onto identical nodes, learner first (as PACK places it)."""
-    free: list[list[float]] = []
-    for name in ("learner", "rollout", "reward", "reference"):
-        res = getattr(ppo, name)
-        for _ in range(res.num_actors):
-            assert res.num_cpus <= node_cpus and res.num_gpus <= node_gpus, f"ppo.{name}: one actor exceeds a node"
-            node = next((n for n in free if n[0] >= res.num_cpus and n[1] >= res.num_gpus), None)
-            if node is None:
-                free.append(node := [node_cpus, node_gpus])
-            node[0] -= res.num_cpus
-            node[1] -= res.num_gpus
+    """Identical nodes needed for the placement groups `tlcr_ray.placement` lays out, in its order: a
+    STRICT_PACK group takes one node whole, a PACK group's bundles go first-fit."""
+    from tlcr_ray.placement import ppo_placement
+
+    node = {"CPU": node_cpus, "GPU": node_gpus}
+    free: list[dict[str, float]] = []
+
+    def fits(room, need):
+        return all(room.get(k, 0.0) + 1e-9 >= v for k, v in need.items())
+
+    def place(need, what):
+        assert fits(node, need), f"{what} asks {need}, more than one node holds"
+        room = next((r for r in free if fits(r, need)), None)
+        if room is None:
+            free.append(room := dict(node))
+        for k, v in need.items():
+            room[k] = room.get(k, 0.0) - v
+
+    for pg in ppo_placement(ppo, "vllm", nodes=[node]).groups:
+        if pg.strategy == "STRICT_PACK":
+            total: dict[str, float] = {}
+            for b in pg.bundles:
+                for k, v in b.items():
+                    total[k] = total.get(k, 0.0) + v
+            place(total, pg.name)
+        else:
+            for b in pg.bundles:
+                place(b, pg.name)
     return len(free)
 
 
-def test_a100_ppo_config_fits_the_cluster_it_is_deployed_on():
+@pytest.mark.parametrize("name, nodes", [("a100-7b.yaml", 1), ("a100-7b-2node.yaml", 2)])
+def test_a100_ppo_configs_fit_the_cluster_they_are_deployed_on(name, nodes):
     from tlcr_ray.config import load_config
 
-    ppo = load_config(REPO / "configs" / "a100-7b.yaml").ppo
+    ppo = load_config(REPO / "configs" / name).ppo
     cluster = _load(REPO / "cluster.yaml")
     worker = cluster["available_node_types"]["gpu_8x_a100"]["resources"]
-    for name in GROUPS:
-        assert getattr(ppo, name).num_gpus >= 1, f"ppo.{name} should run on a GPU on the cluster"
-    assert ppo.rollout.num_gpus >= ppo.vllm_tensor_parallel, "a vLLM engine needs a GPU per tensor-parallel rank"
-    # The learner's collective stays inside one node (NVLink): its whole group fits on one.
-    assert ppo.learner.num_actors * ppo.learner.num_gpus <= worker["GPU"]
-    assert ppo.learner.num_actors * ppo.learner.num_cpus <= worker["CPU"]
+    for group in GROUPS:
+        assert getattr(ppo, group).num_gpus > 0, f"ppo.{group} should run on a GPU on the cluster"
+    if ppo.colocate == "none":
+        assert ppo.rollout.num_gpus >= ppo.vllm_tensor_parallel, "a vLLM engine needs a GPU per tensor-parallel rank"
+        # The learner's collective stays inside one node (NVLink): its whole group fits on one.
+        assert ppo.learner.num_actors * ppo.learner.num_gpus <= worker["GPU"]
+        assert ppo.learner.num_actors * ppo.learner.num_cpus <= worker["CPU"]
+    else:  # one bundle per GPU of one node
+        assert ppo.learner.num_actors == worker["GPU"]
     needed = _nodes_needed(ppo, worker["CPU"], worker["GPU"])
+    assert needed == nodes, f"{name}: PPO needs {needed} nodes"
     assert needed <= cluster["max_workers"], f"PPO needs {needed} nodes, cluster.yaml allows {cluster['max_workers']}"
     job_group = _load(KUBERAY / "rayjob.yaml")["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     limits = job_group["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert _nodes_needed(ppo, float(limits["cpu"]), float(limits["nvidia.com/gpu"])) <= job_group["maxReplicas"]
+
+
+def test_rayjob_and_cluster_yaml_name_both_a100_layouts():
+    text = (KUBERAY / "rayjob.yaml").read_text()
+    assert "configs/a100-7b.yaml" in text and "configs/a100-7b-2node.yaml" in text and "--dry-run" in text
+    assert "configs/a100-7b-2node.yaml" in (REPO / "cluster.yaml").read_text()
 
 
 @pytest.mark.parametrize("name", ["tiny.yaml", "demo.yaml"])

@@ -10,6 +10,7 @@ from tlcr_ray.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 A100 = REPO / "configs" / "a100-7b.yaml"
+A100_2NODE = REPO / "configs" / "a100-7b-2node.yaml"  # separate pools: the learner's sync clone on its own GPU
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +37,7 @@ def test_ppo_refuses_a_learner_that_cannot_fit_before_ray_starts(tmp_path):
     from actors.controller import run
 
     with pytest.raises(ConfigError, match=r"^ppo\.learner does not fit a100-40gb: .*\(sync\).*num_actors 8 → 32"):
-        run(load_config(A100, [f"output_dir={tmp_path}", "gpu=a100-40gb"]))
+        run(load_config(A100_2NODE, [f"output_dir={tmp_path}", "gpu=a100-40gb"]))
     assert not ray.is_initialized() and not any(tmp_path.iterdir())
 
 

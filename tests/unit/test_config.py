@@ -61,7 +61,7 @@ def test_an_override_changes_only_its_own_section_under_a_yaml_alias():
 
 
 def test_the_shipped_configs_are_valid():
-    for name in ("demo.yaml", "tiny.yaml", "a100-7b.yaml"):
+    for name in ("demo.yaml", "tiny.yaml", "a100-7b.yaml", "a100-7b-2node.yaml"):
         load_config(REPO / "configs" / name)
 
 
