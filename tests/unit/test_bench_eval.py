@@ -193,3 +193,40 @@ def test_missing_judge_key_fails_before_generation(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="OPENAI_API_KEY"):
         run_alpaca_eval(cfg, "/nonexistent-model-folder")
     assert not (tmp_path / "eval").exists()
+
+
+def test_a_base_model_without_chat_template_is_prompted_in_hh_format(tmp_path, tiny_model_dir, mt_bench_dir):
+    """Llama-2-7b-hf has no chat template: its benchmark prompts are the HH dialogues SFT trained it on."""
+    from tlcr_ray.data.pairs import hh_dialogue
+    from tlcr_ray.eval.benchmarks import chat_prompt
+    from tlcr_ray.models import load_tokenizer
+
+    turns = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": " Hello. "},
+             {"role": "user", "content": "Why?"}]
+    assert hh_dialogue(turns) == "\n\nHuman: Hi?\n\nAssistant: Hello.\n\nHuman: Why?\n\nAssistant:"
+    with pytest.raises(ValueError, match="role"):
+        hh_dialogue([{"role": "tool", "content": "x"}])
+    base = tmp_path / "base-model"
+    shutil.copytree(tiny_model_dir, base)
+    tok = load_tokenizer(str(base))
+    assert tok.chat_template  # the tiny model's SmolLM2 tokenizer has one: it is used as is
+    assert chat_prompt(tok, turns[:1]) == tok.apply_chat_template(turns[:1], add_generation_prompt=True, tokenize=False)
+    tok.chat_template = None
+    tok.save_pretrained(str(base))
+    for leftover in base.glob("chat_template.*"):
+        leftover.unlink()
+    assert not load_tokenizer(str(base)).chat_template
+    assert chat_prompt(load_tokenizer(str(base)), turns) == hh_dialogue(turns)
+
+    prompts: list[str] = []
+
+    def judge(body: dict) -> Reply:
+        prompts.append(user_text(body))
+        return Reply(text="Rating: [[4]]")
+
+    with OpenAITestServer(judge) as srv:
+        result = run_mt_bench(make_cfg(tmp_path, srv.base_url, mt_bench_dir=str(mt_bench_dir), temperature=1.0,
+                                       limit=1), str(base))
+    assert result["judged"] == 2 and result["judge_errors"] == 0  # answered (no ValueError) and judged
+    answers = [json.loads(line) for line in (tmp_path / "run" / "eval" / "mt-bench" / "answers.jsonl").open()]
+    assert answers and all("\n\nHuman:" not in a["answer"] for a in answers)

@@ -22,6 +22,20 @@ from tlcr_ray.choices import ON_BAD_ROW, PARTS, SPLITS  # noqa: F401  (one defin
 from tlcr_ray.io import JsonlError, iter_jsonl
 
 ASSISTANT = "\n\nAssistant:"
+HUMAN = "\n\nHuman:"
+
+
+def hh_dialogue(messages: list[dict]) -> str:
+    """Chat messages ({"role": "user" | "assistant", "content"}) in the HH-RLHF format the policy was trained on,
+    ending with the assistant's turn open: "\\n\\nHuman: q\\n\\nAssistant: a ... \\n\\nAssistant:". What a base
+    model without a chat template (e.g. Llama-2-7b-hf after SFT on HH) is prompted with."""
+    text = ""
+    for m in messages:
+        if m["role"] not in ("user", "assistant", "system"):
+            raise ValueError(f"message role {m['role']!r}: expected user, assistant or system")
+        marker = ASSISTANT if m["role"] == "assistant" else HUMAN  # HH has no system turn: a human one
+        text += f"{marker} {m['content'].strip()}"
+    return text + ASSISTANT
 
 
 class DataError(ValueError):

@@ -6,7 +6,9 @@ against reference outputs) with any OpenAI-compatible judge.
                           --judge-model my-judge --limit 50
 
 Answers come from HF `generate` on CPU: batched, greedy by default, through the tokenizer's chat
-template; MT-Bench's second turn is conditioned on the model's own first answer. Each finished
+template, or, for a base model without one (Llama-2-7b-hf), the HH-RLHF dialogue format the policy was
+trained on (`data.pairs.hh_dialogue`; the answer ends at the next "\n\nHuman:"); MT-Bench's second turn
+is conditioned on the model's own first answer. Each finished
 batch is appended to `<output_dir>/eval/<bench>/answers.jsonl` and each judgment to
 `.../judgments.jsonl` (see judge.py), so a rerun generates and judges nothing twice and retries
 only failed judgments. Results go to `<output_dir>/eval/<bench>.json`.
@@ -21,6 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from tlcr_ray.config import Config, ConfigError, EvalConfig
+from tlcr_ray.data.pairs import HUMAN, hh_dialogue
 from tlcr_ray.eval.judge import (
     DEFAULT_BASE_URL,
     MT_BENCH_REF_CATEGORIES,
@@ -110,8 +113,6 @@ class AnswerGenerator:
         from tlcr_ray.models import load_policy, load_tokenizer
 
         self.tokenizer = load_tokenizer(self.model_dir)
-        if not self.tokenizer.chat_template:
-            raise ValueError(f"{self.model_dir}: the tokenizer has no chat template; benchmarks need a chat model")
         self.tokenizer.padding_side = "left"  # decoder-only batched generation continues from the right edge
         self.model = load_policy(self.model_dir, dtype=self.dtype).eval()
         torch.manual_seed(self.cfg.seed)
@@ -123,8 +124,7 @@ class AnswerGenerator:
         if missing:
             if self.model is None:
                 self._load()
-            prompts = {k: self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
-                       for k, c in missing.items()}
+            prompts = {k: chat_prompt(self.tokenizer, c) for k, c in missing.items()}
             # Similar lengths in one batch waste less compute on padding.
             order = sorted(prompts, key=lambda k: len(prompts[k]))
             with tqdm(total=len(order), desc=desc, unit="answer") as bar:
@@ -151,8 +151,18 @@ class AnswerGenerator:
         results = []
         for row in new_tokens.tolist():
             finish = "stop" if eos in row or len(row) < self.cfg.max_new_tokens else "length"
-            results.append((self.tokenizer.decode(row, skip_special_tokens=True).strip(), finish))
+            text = self.tokenizer.decode(row, skip_special_tokens=True)
+            if not self.tokenizer.chat_template and HUMAN in text:  # HH format: the model's invented next turn
+                text, finish = text.split(HUMAN, 1)[0], "stop"
+            results.append((text.strip(), finish))
         return results
+
+
+def chat_prompt(tokenizer, messages: list[dict]) -> str:
+    """The generation prompt of a conversation: the tokenizer's chat template, else the HH format."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return hh_dialogue(messages)
 
 
 # ---------------------------------------------------------------- summaries
