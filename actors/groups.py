@@ -38,6 +38,16 @@ class ActorGroups:
         self.layout = ppo_placement(ppo, resolve_backend(ppo.rollout_backend), node_resources())
         self.pgs = create_placement_groups(self.layout.groups, ppo.placement_wait_s)
         self.startup_events: list[dict] = []  # ppo.colocate all: the phase hooks run while starting
+        self.rollouts, self.scorers, self.references, self.learners = [], [], [], None
+        try:
+            self._start(cfg, policy_dir, rollout_dir, reward_dir, attempt)
+        except BaseException:
+            # The caller never gets this object: free what it holds, or the retry waits for it forever.
+            self.shutdown()
+            raise
+
+    def _start(self, cfg: Config, policy_dir: str, rollout_dir: str, reward_dir: str, attempt: int) -> None:
+        ppo = cfg.ppo
 
         # Idle OpenMP threads sleep instead of spinning: the actors share cores, and spinning threads of
         # an idle actor (or of a co-tenant) slowed the busy one about 4x on a loaded 2-core machine.
@@ -95,7 +105,7 @@ class ActorGroups:
 
     def actors(self) -> dict[str, list]:
         return {"rollout": self.rollouts, "reward": self.scorers, "reference": self.references,
-                "learner": self.learners.workers}
+                "learner": self.learners.workers if self.learners else []}
 
     def shutdown(self) -> None:
         for group in self.actors().values():
