@@ -28,11 +28,13 @@ from tlcr_ray.io import atomic_folder, read_json, write_json_atomic
 from tlcr_ray.layout import RunLayout
 from tlcr_ray.local_ray import ensure_ray
 from tlcr_ray.models import load_tokenizer, resolve_model, vocabulary_mismatch
+from tlcr_ray.placement import ppo_placement
 from tlcr_ray.plan import require_fit
 from tlcr_ray.rl.batch import RolloutBatch, merge_batches, split_rows
 from tlcr_ray.rl.loop_state import initial_state, response_mask, sample_prompts, saved_state, step_metrics, sync_check
 from tlcr_ray.rl.ppo_math import KL_ESTIMATORS, advantages_from_rollout, remax_advantages
 from tlcr_ray.rl.rewards import MODES, apply_missing_eos_penalty
+from tlcr_ray.rl.rollout import resolve_backend
 from tlcr_ray.tracking import CheckpointDir, MetricsLog
 
 ACTOR_LOST = (RayActorError,)  # ActorDiedError and ActorUnavailableError are subclasses
@@ -234,6 +236,7 @@ def run(cfg: Config, args=None) -> dict:
     # A GPU config that cannot fit is refused before Ray or any model starts (`tlcr plan`, tlcr_ray/plan.py).
     require_fit(cfg, [f"ppo.{g}" for g in ("rollout", "reward", "reference", "learner")
                       if getattr(cfg.ppo, g).num_gpus > 0], "ppo")
+    ppo_placement(cfg.ppo, resolve_backend(cfg.ppo.rollout_backend))  # a layout that cannot exist: refused now
     policy_dir, reward_dir = _resolve_paths(cfg)
     paths = RunLayout.of(cfg).ppo(RunLayout.ppo_run_name(cfg))
     run_dir = paths.dir

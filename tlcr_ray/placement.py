@@ -71,15 +71,21 @@ def _clean(bundle: dict[str, float]) -> dict[str, float]:
 
 
 def strategy_for(bundles: list[dict[str, float]], nodes: list[dict[str, float]] | None) -> str:
-    """STRICT_PACK when one node of `nodes` (each node's total resources) holds all bundles, else PACK.
-    Unknown nodes (None): STRICT_PACK, what a run on an empty autoscaling cluster should ask for."""
+    """STRICT_PACK when one node of `nodes` (each alive node's total resources) holds all bundles; also
+    when no node offers every kind of resource they need yet (unknown nodes, or a cold autoscaling
+    cluster with no GPU node up: the autoscaler then starts one node for the whole group). PACK only
+    when nodes of the right kind exist and each is too small: the group then spans nodes."""
     if nodes is None:
         return "STRICT_PACK"
     need: dict[str, float] = {}
     for b in bundles:
         for k, v in b.items():
             need[k] = need.get(k, 0.0) + v
-    return "STRICT_PACK" if any(all(n.get(k, 0.0) + EPS >= v for k, v in need.items()) for n in nodes) else "PACK"
+    if any(all(n.get(k, 0.0) + EPS >= v for k, v in need.items()) for n in nodes):
+        return "STRICT_PACK"
+    if not any(all(n.get(k, 0.0) > 0 for k in need) for n in nodes):
+        return "STRICT_PACK"
+    return "PACK"
 
 
 def vllm_engine_settings(tp: int, worker_bundles: list[int], worker_gpus: float, *, sleep: bool,

@@ -46,8 +46,9 @@ def test_separate_layout_learner_first_and_strict_pack_when_one_node_holds_it():
     assert all(b["GPU"] == 1.0 for b in learner.bundles)
     # Nodes of 4 GPUs cannot hold 8 learner ranks: PACK (spread over nodes) instead of never placing.
     assert ppo_placement(two_node_cfg().ppo, "vllm", nodes=[{"CPU": 96, "GPU": 4}] * 3).groups[0].strategy == "PACK"
-    # Unknown cluster (nothing up yet): ask for one node.
+    # Unknown cluster, or a cold autoscaling one with only a CPU head up: ask for one node.
     assert strategy_for(learner.bundles, None) == "STRICT_PACK"
+    assert strategy_for(learner.bundles, [{"CPU": 16.0}]) == "STRICT_PACK"
 
 
 def test_tp2_engines_get_one_gpu_bundle_per_rank_and_a_zero_gpu_actor():
