@@ -241,7 +241,8 @@ def _group(cfg, name: str, m: ModelShape, gpu_memory: int, host_memory: int | No
     peak, room = out["per_gpu"]["peak"], gpu_memory if out["device"] == "cuda" else host_memory
     if getattr(cfg.ppo, "colocate", "none") == "all" and g != name:
         # Colocated, each group's actors sit on distinct bundles: one process of the group per GPU.
-        out["per_gpu"]["peak"], out["gpus"] = max(out["phases"].values()), cfg.ppo.learner.num_actors
+        tp = out.get("inputs", {}).get("tensor_parallel", 1) if g == "rollout" else 1
+        out["per_gpu"]["peak"], out["gpus"] = max(out["phases"].values()), getattr(cfg.ppo, g).num_actors * tp
         peak = out["per_gpu"]["peak"]
     if out["device"] != "cuda":  # CPU: all of the group's processes on this host
         peak *= actors
@@ -270,7 +271,8 @@ def plan(cfg, gpu_memory_bytes: int, host_memory_bytes: int | None = None, group
             "cpu_ppo_total_bytes": cpu_ppo,
             "model": {"base": cfg.model.base, **dataclasses.asdict(m), "params": m.params,
                       "backbone_params": m.backbone_params},
-            "offload": "not configured", "groups": out}
+            "offload": "PPO learner optimizer states while the engines generate (ppo.colocate all)" if colocated
+            else "not configured", "groups": out}
 
 
 def _with(cfg, changes: dict):
