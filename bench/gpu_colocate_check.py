@@ -76,7 +76,7 @@ def check_offload(label: str, model_dir: str, dtype: str, zero: int, rdzv: str, 
     sync(device)
     t_on, back = time.perf_counter() - start, allocated(device)
     # ZeRO-3 partitions the parameters in place (numel 0); ds_numel is the full count.
-    params = sum(getattr(p, "ds_numel", p.numel()) for e in (cycled.actor, cycled.critic) for p in e.module.parameters())
+    params = sum(getattr(p, "ds_numel", p.numel()) for e in cycled.engines.values() for p in e.module.parameters())
     stats = [one_update(learner, batch, pad_id) for learner in (cycled, twin)]
     same = max(abs(stats[0][k] - stats[1][k]) for k in ("policy_loss", "value_loss"))
     if device.type == "cuda":

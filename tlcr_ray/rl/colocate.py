@@ -26,7 +26,7 @@ def _why_not(learner) -> str | None:
 
 
 def _engines(learner):
-    return (learner.actor, learner.critic)
+    return tuple(learner.engines.values())  # actor and critic (ReMax: the actor alone)
 
 
 def offload_learner(learner) -> dict:
