@@ -59,11 +59,11 @@ def _dry_run_or_train(cfg, stage: str, args) -> dict:
 
 
 def run_dpo(cfg, args=None) -> dict:
-    return train_stage(cfg, "dpo")
+    return _dry_run_or_train(cfg, "dpo", args)
 
 
 def run_figa(cfg, args=None) -> dict:
-    return train_stage(cfg, "figa")
+    return _dry_run_or_train(cfg, "figa", args)
 
 
 def train_stage(cfg, stage: str) -> dict:
