@@ -61,9 +61,12 @@ class ActorGroups:
         self.rollouts = [Rollout.options(**opts("rollout", i)).remote(
             rollout_dir, ppo.rollout_backend, {**engine_kwargs, "seed": ppo.seed + i})
             for i in range(ppo.rollout.num_actors)]
-        self.scorers = [RewardScorer.options(**opts("reward", i)).remote(reward_dir, cfg.reward, dtype)
+        self.scorers = [RewardScorer.options(**opts("reward", i)).remote(reward_dir, cfg.reward, dtype,
+                                                                         ppo.forward_micro_batch_size, ppo.offload_reward)
                         for i in range(ppo.reward.num_actors)]
-        self.references = [Reference.options(**opts("reference", i)).remote(policy_dir, dtype, ppo.temperature)
+        self.references = [Reference.options(**opts("reference", i)).remote(policy_dir, dtype, ppo.temperature,
+                                                                             ppo.forward_micro_batch_size,
+                                                                             ppo.offload_reference)
                            for i in range(ppo.reference.num_actors)]
         # ppo.critic_init: reward -> the run's discriminator or sequence RM (whichever reward_dir is), head
         # weights included; policy -> the initial policy's backbone with a fresh head.

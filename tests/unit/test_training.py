@@ -81,13 +81,13 @@ def test_cosine_schedule_values_and_the_ppo_optimizer_step_count():
     # Warm-up 4 over 24 decay steps: linear (k + 1) / 5, then the cosine restarts from 1.
     assert [stages.lr_factor(k, 28, 4, "cosine") for k in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
     assert stages.lr_factor(16, 28, 4, "cosine") == pytest.approx(0.5)
-    # PPOLearner.train's count: each rank ceil(batch / world) rows in micro-batches of mini // world rows.
-    assert minibatches_per_epoch(8, 8, 1) == 1 and minibatches_per_epoch(8, 4, 1) == 2
-    assert minibatches_per_epoch(8, 4, 2) == 2 and minibatches_per_epoch(5, 4, 2) == 2  # 3 rows -> 2 x 2
-    assert minibatches_per_epoch(4, 1, 2) == 2  # micro never below 1 row
+    # PPOLearner.train's count: one optimizer step per mini-batch of the whole batch (the last may be
+    # short), whatever the ranks and the micro-batch (gradients accumulate; rl/minibatches.py).
+    assert minibatches_per_epoch(8, 8) == 1 and minibatches_per_epoch(8, 4) == 2 and minibatches_per_epoch(5, 4) == 2
     cfg = PPOConfig(prompts_per_step=8, mini_batch_size=4, ppo_epochs=3)
     assert optimizer_steps_per_update(cfg, world_size=1) == 6 and optimizer_steps_per_update(cfg, world_size=2) == 6
     assert optimizer_steps_per_update(PPOConfig(prompts_per_step=6, mini_batch_size=4, ppo_epochs=2), 4) == 4
+    assert optimizer_steps_per_update(PPOConfig(prompts_per_step=8, mini_batch_size=8, micro_batch_size=1), 2) == 1
 
 
 def test_micro_batches_shard_evenly_and_resume_in_place():

@@ -72,7 +72,7 @@ def compute_loss(stage: str, model: nn.Module, batch: dict[str, torch.Tensor]) -
     """One forward of `model` on a collated batch -> (loss, correct, counted)."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     if stage == "sft":
-        return sft_loss(model(input_ids=ids, attention_mask=mask).logits, batch["labels"])
+        return sft_loss(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, batch["labels"])
     if stage == "disc":
         return disc_loss(model(ids, mask), batch["targets"])
     if stage == "rm":
