@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tlcr_ray.models import enable_gradient_checkpointing, micro_batched, resident
+from tlcr_ray.models import enable_gradient_checkpointing, micro_batched, resident, row_slices
 from tlcr_ray.rl.batch import (
     PackedBatch,
     RolloutBatch,
@@ -160,8 +160,7 @@ class PPOLearner:
         for engine in self.engines.values():
             engine.eval()
 
-        def forward(rows: slice) -> dict:
-            micro = select_rows(part, range(part.input_ids.shape[0])[rows])
+        def forward(micro: PackedBatch) -> dict:
             logits, logprobs, entropy, values = self._forward(micro)
             out = {"logprobs": logprobs.float().cpu(), "values": values.float().cpu(), "entropy": entropy.float().cpu()}
             if self.reference is not None:
@@ -170,8 +169,13 @@ class PPOLearner:
             return out
 
         offload = self.reference is not None and self.cfg.offload_reference and self.cfg.zero_stage != 3
+        n, size = part.input_ids.shape[0], self.cfg.forward_micro_batch_size
         with resident(self.reference, self.device, offload) if offload else nullcontext():
-            out = micro_batched(forward, part.input_ids.shape[0], self.cfg.forward_micro_batch_size)
+            out = micro_batched(lambda rows: forward(select_rows(part, range(n)[rows])), n, size)
+            if self.cfg.zero_stage == 3:  # each forward gathers parameters collectively: every rank runs as
+                most = len(row_slices(-(-len(batch.prompt_ids) // self.world_size), size))  # many as the
+                for _ in range(most - len(row_slices(n, size))):  # busiest, a spare one-row forward if short
+                    forward(select_rows(packed, [0]))
         out = {k: v * part.response_mask for k, v in out.items()}
         out["seconds"] = time.perf_counter() - start
         return out
