@@ -118,8 +118,9 @@ def test_full_kl_is_computed_exactly_on_the_learner_against_its_reference_copy(
     after = learner.evaluate(batch, 0)["kl"]
     packed = pack(batch.prompt_ids, batch.response_ids, 0)
     cpu = torch.device("cpu")
+    learner.actor.eval()
     with torch.no_grad():  # the engine itself: under ZeRO-3 its module's parameters are partitioned
-        expected = full_kl(response_logits_of(learner.actor.eval(), packed, cpu), response_logits_of(
+        expected = full_kl(response_logits_of(learner.actor, packed, cpu), response_logits_of(
             load_policy(tiny_model_dir).eval(), packed, cpu), 0.7) * packed.response_mask
     assert after.max() > 1e-4 and torch.allclose(after, expected, atol=1e-5)
 
