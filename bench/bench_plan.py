@@ -1,10 +1,10 @@
 """`tlcr plan`'s memory model against measured peak memory on CPU: predicted / measured growth.
 
-    .venv/bin/python bench/bench_plan.py [--learner-micro 2 4 12] [--disc-micro 16 64 128]
+    .venv/bin/python bench/bench_plan.py [--learner-micro 2 4 8] [--disc-micro 16 64 128]
 
 Two measurements, each at three micro-batch sizes, each in a fresh subprocess:
 * one PPO learner update (`PPOLearner.train`, world size 1, ppo.zero_stage of configs/demo.yaml,
-  float32, one mini-batch of 12 rows as ppo.micro_batch_size-row micro-steps with gradient
+  float32, one mini-batch of 8 rows as ppo.micro_batch_size-row micro-steps with gradient
   accumulation: actor forward/backward then the critic's per micro-step, one optimizer step), twice,
   on a random-init model of the embedded SmolLM2-135M's shape (its config.json, fresh weights), with
   demo.yaml's prompt/response lengths (112 + 32 tokens);
@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT, RESPONSE, DISC_SEQ = 112, 32, 256
-LEARNER_ROWS, DISC_ROWS = 12, 128
+LEARNER_ROWS, DISC_ROWS = 8, 128
 
 
 def build_model(folder: Path) -> Path:
@@ -161,7 +161,7 @@ def measure(kind: str, folder: str, rows: int, default_malloc: bool = False) -> 
     if not default_malloc:
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     proc = subprocess.run([sys.executable, __file__, "--worker", kind, "--folder", folder, "--rows", str(rows)],
-                          check=False, env=env, capture_output=True, text=True, timeout=900)
+                          check=False, env=env, capture_output=True, text=True, timeout=3600)
     if proc.returncode:
         raise RuntimeError(f"{kind} rows={rows} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -169,7 +169,7 @@ def measure(kind: str, folder: str, rows: int, default_malloc: bool = False) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--learner-micro", type=int, nargs="+", default=[2, 4, 12],
+    parser.add_argument("--learner-micro", type=int, nargs="+", default=[2, 4, 8],
                         help=f"ppo.micro_batch_size of a {LEARNER_ROWS}-row mini-batch")
     parser.add_argument("--disc-micro", type=int, nargs="+", default=[16, 64, 128],
                         help=f"forward micro-batch of a {DISC_ROWS}-row scoring call")
@@ -178,6 +178,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--no-record", action="store_true", help="print, do not append to BENCHMARKS.md")
     parser.add_argument("--default-malloc", action="store_true", help="glibc's default heap (RSS keeps freed memory)")
+    parser.add_argument("--note", default="", help="appended to the BENCHMARKS.md row (e.g. machine contention)")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps((worker_learner if args.worker == "learner" else worker_disc)(args.folder, args.rows)))
@@ -206,7 +207,8 @@ def main() -> None:
             record("plan", f"predicted/measured peak RSS growth, {kind}",
                    f"{min(ratios):.2f}-{max(ratios):.2f}", "1.0-1.5",
                    f"random-init SmolLM2-135M shape; {what}; "
-                   f"{'default malloc' if args.default_malloc else 'MALLOC_MMAP_THRESHOLD_=65536'}; " + "; ".join(parts))
+                   f"{'default malloc' if args.default_malloc else 'MALLOC_MMAP_THRESHOLD_=65536'}; " + "; ".join(parts)
+                   + (f"; {args.note}" if args.note else ""))
 
 
 if __name__ == "__main__":
