@@ -1,6 +1,7 @@
 """`tlcr plan`'s memory model against measured peak memory on CPU: predicted / measured growth.
 
-    .venv/bin/python bench/bench_plan.py [--learner-micro 2 4 8] [--disc-micro 16 64 128]
+    .venv/bin/python bench/bench_plan.py [--learner-micro 2 4 8] [--disc-micro 16 64 128] [--only disc]
+    (BENCH_PLAN_LEARNER_ROWS / BENCH_PLAN_DISC_ROWS: the mini-batch / scoring call's rows, 8 / 128)
 
 Two measurements, each at three micro-batch sizes, each in a fresh subprocess:
 * one PPO learner update (`PPOLearner.train`, world size 1, ppo.zero_stage of configs/demo.yaml,
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT, RESPONSE, DISC_SEQ = 112, 32, 256
-LEARNER_ROWS, DISC_ROWS = 8, 128
+LEARNER_ROWS, DISC_ROWS = int(os.environ.get("BENCH_PLAN_LEARNER_ROWS", 8)), int(os.environ.get("BENCH_PLAN_DISC_ROWS", 128))
 
 
 def build_model(folder: Path) -> Path:
@@ -178,6 +179,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--no-record", action="store_true", help="print, do not append to BENCHMARKS.md")
     parser.add_argument("--default-malloc", action="store_true", help="glibc's default heap (RSS keeps freed memory)")
+    parser.add_argument("--only", choices=["learner", "disc"], help="run one of the two measurements")
     parser.add_argument("--note", default="", help="appended to the BENCHMARKS.md row (e.g. machine contention)")
     args = parser.parse_args()
     if args.worker:
@@ -193,6 +195,8 @@ def main() -> None:
              "tokens as micro-batches with gradient accumulation"),
             ("disc", args.disc_micro, predicted_disc,
              f"response_probabilities of {DISC_ROWS} rows x {DISC_SEQ} tokens, forward micro-batches")):
+        if args.only and kind != args.only:
+            continue
         parts, ratios = [], []
         for rows in sizes:
             start = time.perf_counter()
