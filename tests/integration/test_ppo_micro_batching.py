@@ -47,7 +47,7 @@ def update(learner, batch, pad_id=0):
     n, R = len(batch.prompt_ids), max(len(r) for r in batch.response_ids)
     old = learner.evaluate(batch, pad_id)
     g = torch.Generator().manual_seed(1)
-    grads = {"actor": captured_gradients(learner.actor), "critic": captured_gradients(learner.critic)}
+    grads = {name: captured_gradients(engine) for name, engine in learner.engines.items()}
     stats = learner.train(batch, pad_id, torch.randn(n, R, generator=g), torch.randn(n, R, generator=g),
                           old["logprobs"] - 0.1, old["values"])
     return grads, stats
@@ -147,3 +147,13 @@ def test_optimizer_offload_and_gradient_checkpointing_in_real_engines(tiny_model
     engine, _ = build_engine(spec)
     assert engine._config.zero_config.offload_optimizer.device == "cpu" and engine.zero_cpu_offload()
     assert engine.module.backbone.is_gradient_checkpointing
+
+
+def test_remax_learner_accumulates_micro_batches_without_a_critic(tiny_model_dir, head_models, learner_rdzv):
+    learner = make_learner(tiny_model_dir, head_models["rm"], learner_rdzv, prompts_per_step=4, mini_batch_size=4,
+                           micro_batch_size=2, algorithm="remax")
+    assert learner.critic is None and list(learner.engines) == ["actor"]
+    old = learner.evaluate(rollout(4), 0)
+    assert old["values"].abs().max() == 0.0
+    grads, stats = update(learner, rollout(4))
+    assert len(grads["actor"]) == 1 and "value_loss" not in stats and "critic_lr" not in stats
