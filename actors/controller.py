@@ -69,8 +69,8 @@ class PPOLoop:
         if remax:
             greedy_batch = merge_batches([b for b, _ in greedy])
             greedy_score_refs = self._score(ray.put(greedy_batch), len(prompt_ids))
-        full_kl = ppo.kl_estimator == "full"
-        ref_refs = [r.logprobs.remote(batch_ref, self.pad_id, rows, full_kl)
+        full_kl = ppo.kl_estimator == "full"  # exact KL from the learner (its reference copy): [batch, R] only
+        ref_refs = [r.logprobs.remote(batch_ref, self.pad_id, rows)
                     for r, rows in zip(g.references, split_rows(len(prompt_ids), len(g.references)))]
         eval_refs = g.learners.evaluate(batch_ref, self.pad_id)
         done = get_all(score_refs + ref_refs + eval_refs)
@@ -82,8 +82,8 @@ class PPOLoop:
         mask = response_mask(batch.response_ids, rewards.shape[1])
         rewards = self._penalized(rewards, mask, batch.finish_reasons)
         old_logprobs, ref_logprobs, values = cat(evals, "logprobs"), cat(refs, "logprobs"), cat(evals, "values")
-        kl_inputs = dict(kl_estimator=ppo.kl_estimator, logits=cat(evals, "logits") if full_kl else None,
-                         ref_logits=cat(refs, "logits") if full_kl else None, temperature=ppo.temperature)
+        kl_inputs = dict(kl_estimator=ppo.kl_estimator, kl=cat(evals, "kl") if full_kl else None,
+                         temperature=ppo.temperature)
         baseline = None
         if remax:  # the greedy response's total reward, by the same reward function as the sample's
             greedy_rewards = cat(get_all(greedy_score_refs), "rewards")
@@ -97,7 +97,7 @@ class PPOLoop:
         del kl_inputs
         entropy = cat(evals, "entropy")
         eval_seconds, ref_seconds = max(e["seconds"] for e in evals), max(r["seconds"] for r in refs)
-        del done, evals, refs  # drops a full-KL step's [batch, R, vocab] logits before the update
+        del done, evals, refs
         t_adv = time.perf_counter()
         t_phases += self.hooks.before_train()
         train = get_all(g.learners.train(batch_ref, self.pad_id, ray.put(adv["advantages"]),

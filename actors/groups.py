@@ -74,9 +74,11 @@ class ActorGroups:
             get_all([r.pid.remote() for r in self.rollouts])
             self.startup_events.append({"group": "rollout", "hook": "sleep",
                                         "results": get_all([r.sleep.remote() for r in self.rollouts])})
-        self.scorers = [RewardScorer.options(**opts(s)).remote(reward_dir, cfg.reward, dtype)
+        self.scorers = [RewardScorer.options(**opts(s)).remote(reward_dir, cfg.reward, dtype,
+                                                                ppo.forward_micro_batch_size, ppo.offload_reward)
                         for s in self.layout.of("reward")]
-        self.references = [Reference.options(**opts(s)).remote(policy_dir, dtype, ppo.temperature)
+        self.references = [Reference.options(**opts(s)).remote(policy_dir, dtype, ppo.temperature,
+                                                             ppo.forward_micro_batch_size, ppo.offload_reference)
                            for s in self.layout.of("reference")]
         # ppo.critic_init: reward -> the run's discriminator or sequence RM (whichever reward_dir is), head
         # weights included; policy -> the initial policy's backbone with a fresh head.

@@ -7,18 +7,23 @@ import ray
 import torch
 
 from actors.common import ActorBase, actor_device
+from tlcr_ray.models import resident
 from tlcr_ray.rl.batch import RolloutBatch, pack, select_rows
-from tlcr_ray.rl.rewards import discriminator_probs, sequence_rewards, token_rewards
+from tlcr_ray.rl.rewards import score_packed
 
 
 @ray.remote(max_restarts=0)
 class RewardScorer(ActorBase):
-    def __init__(self, model_dir: str, reward_cfg, dtype: str = "float32"):
+    def __init__(self, model_dir: str, reward_cfg, dtype: str = "float32", micro_batch_size: int | None = None,
+                 offload: bool = False):
+        """`micro_batch_size`: rows per forward (ppo.forward_micro_batch_size); `offload`
+        (ppo.offload_reward): the model waits in host RAM between calls."""
         from tlcr_ray.models import load_head_model
 
-        self.cfg = reward_cfg
+        self.cfg, self.micro_batch_size, self.offload = reward_cfg, micro_batch_size, offload
         self.device = actor_device()
-        self.model = load_head_model(model_dir, dtype=dtype).to(self.device).eval()
+        model = load_head_model(model_dir, dtype=dtype).eval()
+        self.model = model if offload else model.to(self.device)
 
     @torch.no_grad()
     def score(self, batch: RolloutBatch, pad_id: int, rows: range | None = None) -> dict:
@@ -28,13 +33,7 @@ class RewardScorer(ActorBase):
         """
         start = time.perf_counter()
         packed = select_rows(pack(batch.prompt_ids, batch.response_ids, pad_id), rows)
-        mask = packed.response_mask
-        if self.cfg.mode == "sequence":
-            scores = self.model(packed.input_ids.to(self.device), packed.attention_mask.to(self.device)).float().cpu()
-            out = {"scores": scores, "rewards": sequence_rewards(scores, mask, self.cfg.sequence_clip)}
-        else:
-            p = discriminator_probs(self.model, packed.input_ids, packed.attention_mask, packed.prompt_len, mask)
-            rewards = token_rewards(p, self.cfg.mode, self.cfg.fixed_pos_threshold, self.cfg.fixed_neg_threshold)
-            out = {"p": p, "rewards": rewards * mask}
+        with resident(self.model, self.device, self.offload):
+            out = score_packed(self.model, packed, self.cfg, self.micro_batch_size)
         out["seconds"] = time.perf_counter() - start
         return out

@@ -1,15 +1,18 @@
 """`tlcr plan`'s memory model against measured peak memory on CPU: predicted / measured growth.
 
-    .venv/bin/python bench/bench_plan.py [--learner-rows 4 8 12] [--disc-rows 16 64 128]
+    .venv/bin/python bench/bench_plan.py [--learner-micro 2 4 8] [--disc-micro 16 64 128] [--only disc]
+    (BENCH_PLAN_LEARNER_ROWS / BENCH_PLAN_DISC_ROWS: the mini-batch / scoring call's rows, 8 / 128)
 
 Two measurements, each at three micro-batch sizes, each in a fresh subprocess:
 * one PPO learner update (`PPOLearner.train`, world size 1, ppo.zero_stage of configs/demo.yaml,
-  float32, one mini-batch of `rows` rows: actor forward/backward/step, then the critic's), twice, on
-  a random-init model of the embedded SmolLM2-135M's shape (its config.json, fresh weights), with
+  float32, one mini-batch of 8 rows as ppo.micro_batch_size-row micro-steps with gradient
+  accumulation: actor forward/backward then the critic's per micro-step, one optimizer step), twice,
+  on a random-init model of the embedded SmolLM2-135M's shape (its config.json, fresh weights), with
   demo.yaml's prompt/response lengths (112 + 32 tokens);
-* one discriminator scoring call (`text_scoring.response_probabilities`, no grad) of `rows` rows
-  of 256 tokens on a random-init TokenDiscriminator of the same shape, after a one-row warm-up call
-  (oneDNN/OpenMP first-call scratch belongs to no model).
+* one discriminator scoring call (`text_scoring.response_probabilities`, no grad, use_cache=False) of
+  128 rows of 256 tokens in forward micro-batches of the given size, on a random-init
+  TokenDiscriminator of the same shape, after a one-row warm-up call (oneDNN/OpenMP first-call
+  scratch belongs to no model).
 Measured: the process's peak RSS (psutil, sampled every 2 ms by a thread; ru_maxrss would include the
 load's own peak) minus its RSS after the model (and the DeepSpeed engines) are built; torch's
 allocations are invisible to tracemalloc, hence RSS. The workers run with MALLOC_MMAP_THRESHOLD_=65536
@@ -37,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT, RESPONSE, DISC_SEQ = 112, 32, 256
+LEARNER_ROWS, DISC_ROWS = int(os.environ.get("BENCH_PLAN_LEARNER_ROWS", 8)), int(os.environ.get("BENCH_PLAN_DISC_ROWS", 128))
 
 
 def build_model(folder: Path) -> Path:
@@ -89,14 +93,16 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def worker_learner(folder: str, rows: int) -> dict:
+def worker_learner(folder: str, micro: int) -> dict:
     import torch
 
     from tlcr_ray.config import load_config
     from tlcr_ray.rl.batch import RolloutBatch
     from tlcr_ray.rl.learner import PPOLearner
 
-    cfg = load_config(REPO / "configs" / "demo.yaml", [f"ppo.mini_batch_size={rows}", f"ppo.prompts_per_step={rows}"])
+    rows = LEARNER_ROWS
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"ppo.mini_batch_size={rows}", f"ppo.prompts_per_step={rows}",
+                                                        f"ppo.micro_batch_size={micro}"])
     rdzv = tempfile.mkdtemp(prefix="tlcr-bench-plan-")
     learner = PPOLearner(folder, cfg.ppo, rank=0, world_size=1, init_method=f"file://{rdzv}/rdzv", dtype="float32")
     g = torch.Generator().manual_seed(0)
@@ -112,7 +118,7 @@ def worker_learner(folder: str, rows: int) -> dict:
     return {"baseline": base, "peak": peak.peak}
 
 
-def worker_disc(folder: str, rows: int) -> dict:
+def worker_disc(folder: str, micro: int) -> dict:
     import torch
 
     from tlcr_ray.data.tokens import Encoded
@@ -122,32 +128,33 @@ def worker_disc(folder: str, rows: int) -> dict:
     torch.manual_seed(0)
     model = TokenDiscriminator.from_pretrained(folder).eval()
     encoded = [Encoded(torch.randint(10, 40000, (DISC_SEQ,)).tolist(), DISC_SEQ - RESPONSE, [(0, 0)] * RESPONSE)
-               for _ in range(rows)]
+               for _ in range(DISC_ROWS)]
     response_probabilities(model, encoded[:1], 0)  # warm: oneDNN/OpenMP first-call scratch is not the model's
     base = _rss()
     with PeakRSS() as peak:
-        response_probabilities(model, encoded, 0)
+        response_probabilities(model, encoded, 0, micro_batch_size=micro)
     return {"baseline": base, "peak": peak.peak}
 
 
-def predicted_learner(folder: str, rows: int) -> int:
+def predicted_learner(folder: str, micro: int) -> int:
     from tlcr_ray.config import load_config
     from tlcr_ray.plan import CPU_PROCESS, plan_learner
     from tlcr_ray.plan_models import model_shape
 
+    rows = LEARNER_ROWS
     cfg = load_config(REPO / "configs" / "demo.yaml", [f"model.base={folder}", f"ppo.mini_batch_size={rows}",
-                                                        f"ppo.prompts_per_step={rows}"])
+                                                        f"ppo.prompts_per_step={rows}", f"ppo.micro_batch_size={micro}"])
     cfg.model.max_prompt_len, cfg.model.max_response_len = PROMPT, RESPONSE
     out = plan_learner(cfg, model_shape(folder))
     loaded = CPU_PROCESS + sum(out["breakdown"][e][k] for e in ("actor", "critic") for k in ("weights", "master"))
     return max(out["phases"]["train"], out["phases"]["step"]) - loaded
 
 
-def predicted_disc(folder: str, rows: int) -> int:
+def predicted_disc(folder: str, micro: int) -> int:
     from tlcr_ray.plan import inference_activations
     from tlcr_ray.plan_models import model_shape
 
-    return inference_activations(model_shape(folder), rows, DISC_SEQ, 4)
+    return inference_activations(model_shape(folder), min(micro, DISC_ROWS), DISC_SEQ, 4)
 
 
 def measure(kind: str, folder: str, rows: int, default_malloc: bool = False) -> dict:
@@ -155,7 +162,7 @@ def measure(kind: str, folder: str, rows: int, default_malloc: bool = False) -> 
     if not default_malloc:
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     proc = subprocess.run([sys.executable, __file__, "--worker", kind, "--folder", folder, "--rows", str(rows)],
-                          check=False, env=env, capture_output=True, text=True, timeout=900)
+                          check=False, env=env, capture_output=True, text=True, timeout=3600)
     if proc.returncode:
         raise RuntimeError(f"{kind} rows={rows} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -163,13 +170,17 @@ def measure(kind: str, folder: str, rows: int, default_malloc: bool = False) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--learner-rows", type=int, nargs="+", default=[4, 8, 12])
-    parser.add_argument("--disc-rows", type=int, nargs="+", default=[16, 64, 128])
+    parser.add_argument("--learner-micro", type=int, nargs="+", default=[2, 4, 8],
+                        help=f"ppo.micro_batch_size of a {LEARNER_ROWS}-row mini-batch")
+    parser.add_argument("--disc-micro", type=int, nargs="+", default=[16, 64, 128],
+                        help=f"forward micro-batch of a {DISC_ROWS}-row scoring call")
     parser.add_argument("--worker", choices=["learner", "disc"], help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--rows", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--no-record", action="store_true", help="print, do not append to BENCHMARKS.md")
     parser.add_argument("--default-malloc", action="store_true", help="glibc's default heap (RSS keeps freed memory)")
+    parser.add_argument("--only", choices=["learner", "disc"], help="run one of the two measurements")
+    parser.add_argument("--note", default="", help="appended to the BENCHMARKS.md row (e.g. machine contention)")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps((worker_learner if args.worker == "learner" else worker_disc)(args.folder, args.rows)))
@@ -179,9 +190,13 @@ def main() -> None:
     folder = str(build_model(Path(tempfile.gettempdir()) / "tlcr-bench-plan-smollm2-random"))
     mib = lambda b: f"{b / 2**20:.0f} MiB"  # noqa: E731
     for kind, sizes, predict, what in (
-            ("learner", args.learner_rows, predicted_learner,
-             f"PPOLearner.train x2 (actor+critic, ZeRO-2, world 1, fp32), {PROMPT}+{RESPONSE} tokens"),
-            ("disc", args.disc_rows, predicted_disc, f"response_probabilities, {DISC_SEQ} tokens/row")):
+            ("learner", args.learner_micro, predicted_learner,
+             f"PPOLearner.train x2 (actor+critic, ZeRO-2, world 1, fp32), {LEARNER_ROWS} rows of {PROMPT}+{RESPONSE} "
+             "tokens as micro-batches with gradient accumulation"),
+            ("disc", args.disc_micro, predicted_disc,
+             f"response_probabilities of {DISC_ROWS} rows x {DISC_SEQ} tokens, forward micro-batches")):
+        if args.only and kind != args.only:
+            continue
         parts, ratios = [], []
         for rows in sizes:
             start = time.perf_counter()
@@ -189,14 +204,15 @@ def main() -> None:
             measured = got["peak"] - got["baseline"]
             pred = predict(folder, rows)
             ratios.append(pred / measured)
-            parts.append(f"rows {rows}: predicted {mib(pred)} / measured {mib(measured)} = {pred / measured:.2f} "
+            parts.append(f"micro {rows}: predicted {mib(pred)} / measured {mib(measured)} = {pred / measured:.2f} "
                          f"({time.perf_counter() - start:.0f} s)")
             print(f"[plan] {kind} {parts[-1]}", flush=True)
         if not args.no_record:
             record("plan", f"predicted/measured peak RSS growth, {kind}",
                    f"{min(ratios):.2f}-{max(ratios):.2f}", "1.0-1.5",
                    f"random-init SmolLM2-135M shape; {what}; "
-                   f"{'default malloc' if args.default_malloc else 'MALLOC_MMAP_THRESHOLD_=65536'}; " + "; ".join(parts))
+                   f"{'default malloc' if args.default_malloc else 'MALLOC_MMAP_THRESHOLD_=65536'}; " + "; ".join(parts)
+                   + (f"; {args.note}" if args.note else ""))
 
 
 if __name__ == "__main__":

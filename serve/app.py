@@ -61,6 +61,7 @@ class Scorer:
         self.model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
         self.pad_token_id = load_tokenizer(tokenizer).pad_token_id
         self.thresholds = (reward_cfg.fixed_pos_threshold, reward_cfg.fixed_neg_threshold)
+        self.micro_batch_size = serve_cfg.forward_micro_batch_size
         self.metrics = ScorerMetrics()
         self.score_batch.set_max_batch_size(serve_cfg.max_batch_size)
         self.score_batch.set_batch_wait_timeout_s(serve_cfg.batch_wait_timeout_s)
@@ -69,7 +70,8 @@ class Scorer:
     async def score_batch(self, requests: list[tuple[str, Encoded, str]]) -> list[ItemScore]:
         encoded = [enc for _, enc, _ in requests]
         # A thread keeps the replica's event loop collecting the next batch while this one runs.
-        probs = await asyncio.to_thread(response_probabilities, self.model, encoded, self.pad_token_id)
+        probs = await asyncio.to_thread(response_probabilities, self.model, encoded, self.pad_token_id,
+                                        self.micro_batch_size)
         self.metrics.observe(len(requests), sum(len(enc.input_ids) for enc in encoded))
         return [item_score(response, enc, p, mode, *self.thresholds)
                 for (response, enc, mode), p in zip(requests, probs)]

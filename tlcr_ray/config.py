@@ -163,6 +163,14 @@ def _check_across(cfg: "Config") -> None:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     cfg.pipeline.ppo_modes = ppo_modes_of(cfg.pipeline.methods)
+    for section in ("sft", "disc", "rm", "dpo", "figa", "ppo"):
+        zero = getattr(cfg, section).zero_stage
+        if getattr(cfg, section).offload_params and zero != 3:
+            raise ConfigError(f"{section}.offload_params: DeepSpeed offloads parameters under ZeRO-3 only; set "
+                              f"{section}.zero_stage=3 (now {zero}) or {section}.offload_params=false")
+        if getattr(cfg, section).offload_optimizer and zero == 0:
+            raise ConfigError(f"{section}.offload_optimizer: DeepSpeed offloads the optimizer under ZeRO 1-3; "
+                              f"set {section}.zero_stage >= 1")
     if cfg.ppo.algorithm == "remax" and reward.mode != "sequence":
         raise ConfigError(f"ppo.algorithm=remax scores whole responses with the sequence RM: set "
                           f"reward.mode=sequence (not {reward.mode!r})")

@@ -122,6 +122,14 @@ class TrainConfig:
     micro_batch_size: int = 4
     """Sequences per worker per forward."""
     grad_accum: int = 1
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward (HF `gradient_checkpointing_enable`,
+    non-reentrant; on a head model's backbone): the layers keep only their inputs, ~1/3 more compute."""
+    offload_optimizer: bool = False
+    """DeepSpeed ZeRO-Offload: fp32 master weights, gradients' fp32 partition and Adam states live in host
+    RAM and the step runs on the CPU (ZeRO 1-3)."""
+    offload_params: bool = False
+    """DeepSpeed ZeRO-Infinity parameter offload to host RAM (needs zero_stage 3)."""
     max_len: int = 512
     """Prompt + response tokens per sequence (prompt left-truncated first)."""
     zero_stage: int = 2
@@ -219,6 +227,25 @@ class PPOConfig:
     value_clip: float = bounded(0.2, gt=0.0)
     ppo_epochs: int = bounded(1, ge=1)
     mini_batch_size: int = bounded(8, ge=1)
+    """Rows of the whole batch per optimizer step, over all learner ranks."""
+    micro_batch_size: int | None = bounded(None, ge=1)
+    """Rows per learner rank per forward/backward; gradients accumulate over ceil(mini_batch_size /
+    ranks / micro_batch_size) micro-steps to one optimizer step, the loss a token mean over the whole
+    mini-batch (so 1 x 8 and 4 x 2 make the same update). None: mini_batch_size / ranks (one micro-step)."""
+    forward_micro_batch_size: int = bounded(8, ge=1)
+    """Rows per no-grad forward (learner evaluate, reference, reward scorer; always use_cache=False):
+    peak memory grows with this, not with prompts_per_step."""
+    gradient_checkpointing: bool = False
+    """Gradient checkpointing of the PPO actor and critic (as `sft.gradient_checkpointing`)."""
+    offload_optimizer: bool = False
+    """DeepSpeed optimizer offload of the actor and critic (as `sft.offload_optimizer`)."""
+    offload_params: bool = False
+    """DeepSpeed parameter offload of the actor and critic (needs ppo.zero_stage 3)."""
+    offload_reference: bool = False
+    """The frozen reference model (the reference actors, and the learner's copy for kl_estimator full)
+    waits in host RAM between steps: moved to the GPU for its forward and back afterwards."""
+    offload_reward: bool = False
+    """The reward scorer's model (discriminator / RM) likewise waits in host RAM between steps."""
     actor_lr: float = bounded(1e-6, ge=0.0)
     critic_lr: float = bounded(1e-6, ge=0.0)
     lr_schedule: str = choice("cosine", LR_SCHEDULES)
@@ -307,7 +334,9 @@ class ServeConfig:
     max_body_bytes: int = 8 * 1024 * 1024
     """Request body size; more is a 413 before any parsing."""
     max_batch_size: int = 16
-    """Items per forward pass (`@serve.batch`)."""
+    """Items per `@serve.batch` call."""
+    forward_micro_batch_size: int | None = bounded(None, ge=1)
+    """Items per forward pass within a batch (None: the whole batch at once); use_cache is always off."""
     batch_wait_timeout_s: float = 0.01
     max_ongoing_requests: int = 64
     """Items in flight per scorer replica; must be >= max_batch_size or batches are capped by it."""

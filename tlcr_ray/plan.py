@@ -15,7 +15,10 @@ Model states of one DeepSpeed engine (DeepSpeed 0.19.8 with the torch AdamW we p
     sqrt(v), 4 bytes per stepped element. ZeRO-3 adds the largest module's 16-bit params and grads,
     2e·largest. Bf16 ZeRO-2 is 2P + 18P/N, exactly DeepSpeed's estimate_zero2_model_states_mem_needs;
     ZeRO-3 is 20P/N + 4·largest where its estimator says 18P/N (it omits the 16-bit grad partition).
-    Offload (offload_optimizer/offload_param) is not configured anywhere in tlcr: all of it is on GPU.
+    `offload_optimizer` moves the fp32 master, Adam's m, v, the fp32 grads and the step to host RAM
+    (ZeRO-2/3: the 16-bit grads too, reduced bucket by bucket into the host partition), as DeepSpeed's
+    estimators with cpu_offload (ZeRO-2: 2P on GPU); `offload_params` (ZeRO-3) the 16-bit weights too,
+    leaving the gathered layer (the estimator's largest_layer_memory). `offloaded_host_bytes` is what moved.
 Activations, per decoder layer without gradient checkpointing (HF Llama with SDPA, which keeps no
 s² scores; derived from what autograd saves, cf. Korthikanti et al. 2022's 34sbh + 5as²b):
     s·b·(2(4+e)h [two RMSNorms upcast to fp32] + 7e·h [q, k, v (GQA repeated), attention out,
@@ -23,11 +26,15 @@ s² scores; derived from what autograd saves, cf. Korthikanti et al. 2022's 34sb
   + final norm and LM-head input s·b·h·(4+2e) + the 4D mask b·s² + logits b·s_V·V·f bytes:
     f = 12 (SFT: e-bit logits, fp32 copy, log-softmax, its gradient), the PPO actor 16 + e (also
     the entropy's exp and product, on the R response positions only), the reference e + 8.
-  + the backward's working set e·s·b·(2h + 3I). With gradient checkpointing (not yet a config
-  knob) the layers keep only their inputs, L·e·s·b·h, plus one layer's activations as above.
-  No-grad forwards (evaluate, reference, reward) peak at s·b·(2e·h + 4e·I + 2e·L·k·d): the residual and
-  norm output, the MLP's I-wide temporaries, and the KV cache HF builds of every layer (the scoring
-  forwards do not pass use_cache=False). Checked against CPU measurements: bench/bench_plan.py.
+  + the backward's working set e·s·b·(2h + 3I). With gradient checkpointing (<stage>.gradient_checkpointing,
+  ppo.gradient_checkpointing) the layers keep only their inputs, L·e·s·b·h, plus one layer's activations
+  as above. b is <stage>.micro_batch_size, and for the PPO actor/critic ppo.micro_batch_size.
+  No-grad forwards (evaluate, reference, reward) run ppo.forward_micro_batch_size rows at a time with
+  use_cache=False and peak at s·b·(2e·h + 4e·I): the residual and norm output and the MLP's I-wide
+  temporaries. kl_estimator full adds the learner's reference copy (weights as the actor's, ZeRO-3 /N)
+  and its [b, R, V] logits with both log-softmaxes (e + 16 bytes). ppo.offload_reference/offload_reward
+  park a scorer's weights in host RAM between steps: the forward's peak is unchanged, the `idle` phase
+  holds no weights. Checked against CPU measurements: bench/bench_plan.py.
 Buffers: DeepSpeed's gradient bucket, reduce_bucket_size 5e8 elements (e·5e8 bytes on GPU; on CPU the
 touched e·P, none at world 1; ZeRO-1/2 in backward, ZeRO-3 always), ZeRO-3's prefetch bucket 5e7
 elements, 1 GiB CUDA context + NCCL per GPU process (0.5 GiB interpreter per CPU process), and the
@@ -61,10 +68,21 @@ ELEM = {"fp32": 4, "bf16": 2, "fp16": 2, "float32": 4, "bfloat16": 2, "float16":
 GROUPS = ("sft", "disc", "rm", "dpo", "figa", "ppo.rollout", "ppo.reward", "ppo.reference", "ppo.learner")
 
 
-def engine_states(params: int, largest: int, e: int, zero: int, world: int, on_gpu: bool) -> dict[str, int]:
-    """Bytes of one DeepSpeed engine on one rank (see the module docstring)."""
+def engine_states(params: int, largest: int, e: int, zero: int, world: int, on_gpu: bool,
+                  offload_optimizer: bool = False, offload_params: bool = False) -> dict[str, int]:
+    """GPU bytes of one DeepSpeed engine on one rank (see the module docstring); "offloaded" is what
+    offload_optimizer / offload_params put in host RAM instead."""
     n = max(1, world)
     step_elems = params if zero == 0 else min(params // n, DS_DEFAULTS["sub_group_size"] if zero == 3 else params)
+    st = _on_device(params, largest, e, zero, n, on_gpu, step_elems)
+    moved = (["master", "adam", "fp32_grads", "adam_temp"] + (["grads"] if zero >= 2 else [])) if offload_optimizer else []
+    moved += ["weights"] if offload_params and zero == 3 else []
+    st["offloaded"] = sum(st[k] for k in moved)
+    st.update({k: 0 for k in moved})
+    return st
+
+
+def _on_device(params: int, largest: int, e: int, zero: int, n: int, on_gpu: bool, step_elems: int) -> dict[str, int]:
     return {
         "weights": e * params // (n if zero == 3 else 1),
         "grads": e * params // (n if zero >= 2 else 1),
@@ -110,8 +128,8 @@ def train_activations(m: ModelShape, b: int, s: int, e: int, logit_rows: int = 0
 
 
 def inference_activations(m: ModelShape, b: int, s: int, e: int) -> int:
-    """Peak of a no-grad forward: the MLP's moment (module docstring) plus HF's KV cache of every layer."""
-    return s * b * (2 * e * m.hidden + 4 * e * m.intermediate + m.kv_bytes_per_token(e)) + b * s * s
+    """Peak of a no-grad forward of b rows (use_cache=False): the MLP's moment (module docstring) and the mask."""
+    return s * b * (2 * e * m.hidden + 4 * e * m.intermediate) + b * s * s
 
 
 def _result(gpus, device, phases: dict, states: int, act: int, kv: int, buffers: int, procs: int = 1, **extra):
@@ -126,32 +144,45 @@ def plan_stage(cfg, stage: str, m: ModelShape, checkpointing: bool = False) -> d
     t = getattr(cfg, stage)
     e, z, on_gpu = ELEM[t.precision], t.zero_stage, t.use_gpu
     lm = stage in POLICY_STAGES  # the causal LM itself (its logits), not a head on the backbone
-    st = engine_states(m.params if lm else m.backbone_params, m.largest_module, e, z, t.num_workers, on_gpu)
+    st = engine_states(m.params if lm else m.backbone_params, m.largest_module, e, z, t.num_workers, on_gpu,
+                       t.offload_optimizer, t.offload_params)
     rows = t.micro_batch_size * (2 if stage in ("rm", "dpo") else 1)  # RM / DPO: chosen and rejected in one forward
     act = train_activations(m, rows, t.max_len, e, t.max_len if lm else 0, 12,
-                            checkpointing or getattr(t, "gradient_checkpointing", False))
+                            checkpointing or t.gradient_checkpointing)
     ctx = CUDA_CONTEXT if on_gpu else CPU_PROCESS
     phases = {"train": ctx + _persistent(st, z) + _train_extra(st, z, act), "step": ctx + _persistent(st, z)
               + _step_extra(st, z)}
     return _result(t.num_workers if on_gpu else 0, "cuda" if on_gpu else "cpu", phases, model_states(st), act, 0,
-                   ctx + st["bucket"] + st["prefetch"], breakdown=st,
-                   inputs={"rows": rows, "seq": t.max_len, "zero_stage": z, "world": t.num_workers})
+                   ctx + st["bucket"] + st["prefetch"], breakdown=st, offloaded_host_bytes=st["offloaded"],
+                   inputs={"rows": rows, "seq": t.max_len, "zero_stage": z, "world": t.num_workers,
+                           "gradient_checkpointing": checkpointing or t.gradient_checkpointing})
 
 
 def plan_learner(cfg, m: ModelShape, checkpointing: bool = False) -> dict:
-    """ppo.learner: actor (policy) + critic (backbone + value head) engines on each of num_actors ranks."""
+    """ppo.learner: actor (policy) + critic (backbone + value head; none under ReMax) engines on each rank."""
     ppo, res = cfg.ppo, cfg.ppo.learner
     e, z, n, on_gpu = ELEM[cfg.model.dtype], ppo.zero_stage, res.num_actors, res.num_gpus > 0
     seq, R = cfg.model.max_prompt_len + cfg.model.max_response_len, cfg.model.max_response_len
-    actor = engine_states(m.params, m.largest_module, e, z, n, on_gpu)
-    critic = engine_states(m.backbone_params, m.largest_module, e, z, n, on_gpu)
-    micro, rows = max(1, ppo.mini_batch_size // n), -(-ppo.prompts_per_step // n)
+    offload = (ppo.offload_optimizer, ppo.offload_params)
+    actor = engine_states(m.params, m.largest_module, e, z, n, on_gpu, *offload)
+    # ReMax (ppo.algorithm remax) trains the policy alone: no critic engine, no value forward.
+    no_critic = ppo.algorithm == "remax"
+    critic = {k: 0 for k in actor} if no_critic else engine_states(m.backbone_params, m.largest_module, e, z, n,
+                                                                   on_gpu, *offload)
+    # Rows per micro-step (ppo.micro_batch_size, else the rank's share of a mini-batch) and per no-grad forward.
+    micro = ppo.micro_batch_size or -(-ppo.mini_batch_size // n)
+    rows = min(ppo.forward_micro_batch_size, -(-ppo.prompts_per_step // n))
+    ckpt = checkpointing or ppo.gradient_checkpointing
     # Logits: e-bit (e), fp32 copy / temperature (4; shared in fp32 at T=1), log-softmax (4), entropy's exp, product (8).
     f = e + (4 if (e != 4 or ppo.temperature != 1.0) else 0) + 12
-    act_actor = train_activations(m, micro, seq, e, R, f, checkpointing)
-    act_critic = train_activations(m, micro, seq, e, 0, 0, checkpointing)
-    act_eval = inference_activations(m, rows, seq, e) + rows * R * m.vocab * f
-    base = (CUDA_CONTEXT if on_gpu else CPU_PROCESS) + _persistent(actor, z) + _persistent(critic, z)
+    act_actor = train_activations(m, micro, seq, e, R, f, ckpt)
+    act_critic = 0 if no_critic else train_activations(m, micro, seq, e, 0, 0, ckpt)
+    full = ppo.kl_estimator == "full"  # the reference copy's logits and both log-softmaxes, per forward micro-batch
+    act_eval = inference_activations(m, rows, seq, e) + rows * R * m.vocab * (f + (e + 16 if full else 0))
+    # kl_estimator full: a frozen reference copy (ZeRO-3: sharded, and with offload_reference in host RAM).
+    ref_weights = 0 if not full else (e * m.params // n if z == 3 else e * m.params)
+    ref_idle = 0 if ppo.offload_reference else ref_weights
+    base = (CUDA_CONTEXT if on_gpu else CPU_PROCESS) + _persistent(actor, z) + _persistent(critic, z) + ref_idle
     # The sync: ZeRO-3 gathers the whole policy on every rank; rank 0 clones it (tied: the embedding twice).
     gathered = e * m.params if z == 3 else 0
     clone = e * (m.params + (m.vocab * m.hidden if m.tied else 0))
@@ -161,17 +192,19 @@ def plan_learner(cfg, m: ModelShape, checkpointing: bool = False) -> dict:
     sync_device = gathered + ((clone + SYNC_BUFFERS if nccl else 0) if on_gpu else 2 * clone)
     phases = {"train": base + max(_train_extra(actor, z, act_actor), _train_extra(critic, z, act_critic)),
               "step": base + max(_step_extra(actor, z), _step_extra(critic, z)),
-              "evaluate": base + actor["gathered"] + actor["prefetch"] + act_eval,
+              "evaluate": base + actor["gathered"] + actor["prefetch"] + act_eval + (ref_weights - ref_idle),
               "sync": base + sync_device}
-    states = model_states(actor) + model_states(critic) - critic["gathered"]  # one engine gathers at a time
+    states = model_states(actor) + model_states(critic) - critic["gathered"] + ref_weights  # one gathers at a time
     buffers = (CUDA_CONTEXT if on_gpu else CPU_PROCESS) + max(actor["bucket"], critic["bucket"]) \
         + actor["prefetch"] + sync_device
     procs = _procs_per_gpu(res)
     return _result(math.ceil(n * res.num_gpus), "cuda" if on_gpu else "cpu", phases, states,
                    max(act_actor, act_critic, act_eval), 0, buffers, procs,
-                   breakdown={"actor": actor, "critic": critic, "sync_gathered": gathered,
+                   breakdown={"actor": actor, "critic": critic, "reference_copy": ref_weights, "sync_gathered": gathered,
                               "sync_clone_rank0": clone, "host_rank0_export": clone},
-                   inputs={"world": n, "micro_rows": micro, "eval_rows": rows, "seq": seq, "response": R,
+                   offloaded_host_bytes=actor["offloaded"] + critic["offloaded"] + (ref_weights - ref_idle),
+                   inputs={"world": n, "micro_rows": micro, "accumulation": -(-(-(-ppo.mini_batch_size // n)) // micro),
+                           "eval_rows": rows, "seq": seq, "response": R, "gradient_checkpointing": ckpt,
                            "zero_stage": z, "dtype": cfg.model.dtype, "weight_sync": "nccl" if nccl else "object_store"})
 
 
@@ -193,13 +226,15 @@ def plan_scorer(cfg, group: str, m: ModelShape) -> dict:
     res = getattr(cfg.ppo, group)
     e, on_gpu = ELEM[cfg.model.dtype], res.num_gpus > 0
     seq, R = cfg.model.max_prompt_len + cfg.model.max_response_len, cfg.model.max_response_len
-    rows = -(-cfg.ppo.prompts_per_step // res.num_actors)
+    rows = min(cfg.ppo.forward_micro_batch_size, -(-cfg.ppo.prompts_per_step // res.num_actors))
     weights = e * (m.params if group == "reference" else m.backbone_params)
     act = inference_activations(m, rows, seq, e) + (rows * R * m.vocab * (e + 8) if group == "reference" else 0)
     ctx = CUDA_CONTEXT if on_gpu else CPU_PROCESS
+    offload = getattr(cfg.ppo, f"offload_{group}")  # between steps the weights wait in host RAM
     return _result(math.ceil(res.num_actors * res.num_gpus), "cuda" if on_gpu else "cpu",
-                   {"forward": ctx + weights + act}, weights, act, 0, ctx, _procs_per_gpu(res),
-                   inputs={"rows": rows, "seq": seq, "dtype": cfg.model.dtype})
+                   {"forward": ctx + weights + act, "idle": ctx + (0 if offload else weights)}, weights, act, 0, ctx,
+                   _procs_per_gpu(res), offloaded_host_bytes=weights if offload else 0,
+                   inputs={"rows": rows, "seq": seq, "dtype": cfg.model.dtype, "offload": offload})
 
 
 def plan_rollout(cfg, m: ModelShape, gpu_memory: int, host_memory: int | None) -> dict:
@@ -230,12 +265,12 @@ def plan_rollout(cfg, m: ModelShape, gpu_memory: int, host_memory: int | None) -
                    weights, 0 if backend == "vllm" else act, max(0, kv), buffers, _procs_per_gpu(res), inputs=inputs)
 
 
-def _group(cfg, name: str, m: ModelShape, gpu_memory: int, host_memory: int | None, ckpt: bool = False) -> dict:
+def _group(cfg, name: str, m: ModelShape, gpu_memory: int, host_memory: int | None) -> dict:
     g = name.removeprefix("ppo.")
     if g == name:
-        out, actors = plan_stage(cfg, name, m, ckpt), getattr(cfg, name).num_workers
+        out, actors = plan_stage(cfg, name, m), getattr(cfg, name).num_workers
     else:
-        out = (plan_learner(cfg, m, ckpt) if g == "learner" else plan_rollout(cfg, m, gpu_memory, host_memory)
+        out = (plan_learner(cfg, m) if g == "learner" else plan_rollout(cfg, m, gpu_memory, host_memory)
                if g == "rollout" else plan_scorer(cfg, g, m))
         actors = getattr(cfg.ppo, g).num_actors
     peak, room = out["per_gpu"]["peak"], gpu_memory if out["device"] == "cuda" else host_memory
@@ -259,6 +294,8 @@ def plan(cfg, gpu_memory_bytes: int, host_memory_bytes: int | None = None, group
     out = {name: _group(cfg, name, m, gpu_memory_bytes, host_memory_bytes) for name in groups}
     cpu_ppo = sum(g["host_bytes"] for n, g in out.items() if g.get("cpu") and n.startswith("ppo."))
     cpu_ok = host_memory_bytes is None or cpu_ppo <= host_memory_bytes
+    from tlcr_ray.plan_knobs import suggest  # it re-plans the changed configs with `_group`
+
     for name, g in out.items():
         if knobs and not g["fits"]:
             g["knobs"] = suggest(cfg, name, m, gpu_memory_bytes, host_memory_bytes)
@@ -271,8 +308,17 @@ def plan(cfg, gpu_memory_bytes: int, host_memory_bytes: int | None = None, group
             "cpu_ppo_total_bytes": cpu_ppo,
             "model": {"base": cfg.model.base, **dataclasses.asdict(m), "params": m.params,
                       "backbone_params": m.backbone_params},
-            "offload": "PPO learner optimizer states while the engines generate (ppo.colocate all)" if colocated
-            else "not configured", "groups": out}
+            "offload": offload_summary(cfg, colocated), "groups": out}
+
+
+def offload_summary(cfg, colocated: bool = False) -> str:
+    """Which offload knobs the config turns on (the table's header line)."""
+    on = [f"{sec}.{k}" for sec in ("sft", "disc", "rm", "dpo", "figa", "ppo")
+          for k in ("offload_optimizer", "offload_params") if getattr(getattr(cfg, sec), k)]
+    on += [f"ppo.{k}" for k in ("offload_reference", "offload_reward") if getattr(cfg.ppo, k)]
+    if colocated:
+        on.append("PPO learner optimizer states while the engines generate (ppo.colocate all)")
+    return ", ".join(on) or "none"
 
 
 def _with(cfg, changes: dict):
@@ -281,70 +327,6 @@ def _with(cfg, changes: dict):
         *path, key = dotted.split(".")
         setattr(functools.reduce(getattr, path, new), key, value)
     return new
-
-
-def _candidates(cfg, name: str):
-    """(description, config changes) to try, smallest change first within each knob."""
-    if not name.startswith("ppo."):
-        t = getattr(cfg, name)
-        mb, ga = t.micro_batch_size, t.grad_accum
-        for k in (2**j for j in range(1, mb.bit_length()) if mb % 2**j == 0):
-            yield (f"{name}.micro_batch_size {mb} → {mb // k} ({name}.grad_accum {ga} → {ga * k} keeps the "
-                   f"batch)", {f"{name}.micro_batch_size": mb // k, f"{name}.grad_accum": ga * k})
-        if t.zero_stage < 3:
-            yield f"{name}.zero_stage {t.zero_stage} → 3", {f"{name}.zero_stage": 3}
-        if t.precision == "fp32":
-            yield f"{name}.precision fp32 → bf16", {f"{name}.precision": "bf16"}
-        for k in (2, 4):
-            yield f"{name}.num_workers {t.num_workers} → {t.num_workers * k}", {f"{name}.num_workers": t.num_workers * k}
-        return
-    g = name.split(".", 1)[1]
-    res, ppo = getattr(cfg.ppo, g), cfg.ppo
-    if g == "learner" and ppo.zero_stage < 3:
-        yield f"ppo.zero_stage {ppo.zero_stage} → 3", {"ppo.zero_stage": 3}
-    for k in (2, 4):
-        yield (f"ppo.{g}.num_actors {res.num_actors} → {res.num_actors * k}", {f"ppo.{g}.num_actors": res.num_actors * k})
-    if g == "learner":
-        for k in (2, 4):
-            if ppo.mini_batch_size // k >= res.num_actors:
-                yield (f"ppo.mini_batch_size {ppo.mini_batch_size} → {ppo.mini_batch_size // k}",
-                       {"ppo.mini_batch_size": ppo.mini_batch_size // k})
-    if g == "rollout" and _backend(cfg) == "vllm":
-        for util in (0.8, 0.7, 0.6, 0.5):
-            if util < ppo.vllm_memory_utilization:
-                yield (f"ppo.vllm_memory_utilization {ppo.vllm_memory_utilization} → {util}",
-                       {"ppo.vllm_memory_utilization": util})
-        tp = ppo.vllm_tensor_parallel
-        yield (f"ppo.vllm_tensor_parallel {tp} → {tp * 2} (ppo.rollout.num_gpus {res.num_gpus:g} → {tp * 2})",
-               {"ppo.vllm_tensor_parallel": tp * 2, "ppo.rollout.num_gpus": float(tp * 2)})
-    if cfg.model.dtype == "float32":
-        yield "model.dtype float32 → bfloat16", {"model.dtype": "bfloat16"}
-
-
-def suggest(cfg, name: str, m: ModelShape, gpu_memory: int, host_memory: int | None) -> list[str]:
-    """Single changes that fit (the first of each knob), else the knobs together; then mechanics not yet in tlcr."""
-    found, tried, last = [], set(), {}
-    for text, changes in _candidates(cfg, name):
-        knob = text.split(" ", 1)[0]
-        last[knob] = (text, changes)  # each knob's furthest setting, for the combination below
-        if knob not in tried and _group(_with(cfg, changes), name, m, gpu_memory, host_memory)["fits"]:
-            found.append(text)
-            tried.add(knob)
-    combined, texts = cfg, []
-    for text, changes in last.values() if not found else ():
-        combined, texts = _with(combined, changes), texts + [text]
-        if _group(combined, name, m, gpu_memory, host_memory)["fits"]:
-            found.append("together: " + "; ".join(texts))
-            break
-    g = _group(cfg, name, m, gpu_memory, host_memory)
-    if g["peak_phase"] == "sync":  # ZeRO-3's whole-model gather and rank 0's clone (PPOLearner.full_state_dict)
-        rest = max(v for k, v in g["phases"].items() if k != "sync") / GIB
-        found.append(f"a per-parameter weight sync (not yet available): peak {rest:.1f} GiB")
-    if name not in ("ppo.rollout", "ppo.reward", "ppo.reference"):
-        ckpt = _group(cfg, name, m, gpu_memory, host_memory, ckpt=True)
-        found.append(f"gradient checkpointing (not yet available): peak {ckpt['per_gpu']['peak'] / GIB:.1f} GiB"
-                     + ("" if ckpt["fits"] else ", still too much"))
-    return found or ["nothing single fits: combine the knobs above or use a larger GPU"]
 
 
 def format_table(report: dict, config_name: str = "") -> str:

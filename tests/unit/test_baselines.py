@@ -50,7 +50,7 @@ class _TableModel(torch.nn.Module):
         super().__init__()
         self.table = torch.nn.Parameter(table)
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, use_cache=None):
         return SimpleNamespace(logits=self.table[input_ids])
 
 

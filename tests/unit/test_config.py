@@ -128,3 +128,29 @@ def test_tlcr_ppo_with_a_bad_kl_estimator_exits_2_within_seconds():
                            "--set", "ppo.kl_estimator=k9"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "ppo.kl_estimator" in proc.stderr and "k1, k3, full" in proc.stderr
     assert time.monotonic() - start < 20
+
+
+@pytest.mark.parametrize("section", ["sft", "disc", "rm", "ppo"])
+def test_offload_params_without_zero3_and_optimizer_offload_under_zero0_are_load_time_errors(section):
+    with pytest.raises(ConfigError, match=rf"{section}.offload_params.*zero_stage=3"):
+        load_config(None, [f"{section}.offload_params=true", f"{section}.zero_stage=2"])
+    with pytest.raises(ConfigError, match=rf"{section}.offload_optimizer"):
+        load_config(None, [f"{section}.offload_optimizer=true", f"{section}.zero_stage=0"])
+    cfg = load_config(None, [f"{section}.offload_params=true", f"{section}.offload_optimizer=true",
+                             f"{section}.zero_stage=3"])
+    assert getattr(cfg, section).offload_params and getattr(cfg, section).offload_optimizer
+
+
+def test_the_deepspeed_config_carries_the_offload_settings():
+    from tlcr_ray.config import TrainConfig
+    from tlcr_ray.training.optim import deepspeed_config, stage_deepspeed_config
+
+    ds = stage_deepspeed_config(TrainConfig(zero_stage=3, offload_optimizer=True, offload_params=True))
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ds["zero_force_ds_cpu_optimizer"] is False  # the torch AdamW we pass steps the host partition
+    plain = stage_deepspeed_config(TrainConfig())
+    assert "offload_optimizer" not in plain["zero_optimization"] and "zero_force_ds_cpu_optimizer" not in plain
+    with pytest.raises(ValueError, match="stage 3"):
+        deepspeed_config(micro_batch_size=1, grad_accum=1, zero_stage=2, precision="fp32", max_grad_norm=1.0,
+                         offload_params=True)

@@ -27,7 +27,7 @@ class BigramLM(torch.nn.Module):
         with torch.no_grad():
             self.table[PREV, BAD] += boost
 
-    def forward(self, input_ids, attention_mask, position_ids=None, logits_to_keep=None):
+    def forward(self, input_ids, attention_mask, position_ids=None, logits_to_keep=None, use_cache=None):
         ids = input_ids if logits_to_keep is None else input_ids[:, logits_to_keep]
         return SimpleNamespace(logits=self.table[ids])
 

@@ -126,12 +126,19 @@ def test_a100_7b_plan_numbers():
     assert learner["breakdown"]["sync_gathered"] == 2 * report["model"]["params"]
     rollout = report["groups"]["ppo.rollout"]
     assert rollout["per_gpu"]["peak"] == int(0.85 * gpu_bytes("a100-80gb")) + 2 * GIB
-    assert rollout["inputs"]["kv_tokens"] > rollout["inputs"]["kv_tokens_needed"]
-    # The paper's 16 x 512 micro-batch would leave under 10% of an 80 GB GPU.
-    paper = plan(load_config(REPO / "configs" / "a100-7b.yaml", ["sft.micro_batch_size=16", "rm.micro_batch_size=16"]),
+    # 512 prompts: vLLM runs them in waves of what its KV cache holds (over a hundred full-length sequences).
+    assert rollout["inputs"]["kv_tokens"] > 100 * rollout["inputs"]["max_model_len"]
+    assert rollout["inputs"]["kv_tokens_needed"] == 256 * rollout["inputs"]["max_model_len"]
+    assert learner["inputs"]["micro_rows"] == 4 and learner["inputs"]["accumulation"] == 4
+    assert learner["inputs"]["eval_rows"] == 16 and learner["inputs"]["gradient_checkpointing"]
+    # The paper's 16 x 512 micro-batch without gradient checkpointing would leave under 10% of an 80 GB GPU.
+    paper = plan(load_config(REPO / "configs" / "a100-7b.yaml", ["sft.gradient_checkpointing=false",
+                                                                  "rm.gradient_checkpointing=false",
+                                                                  "rm.micro_batch_size=16", "rm.grad_accum=1"]),
                  gpu_bytes("a100-80gb"))["groups"]
     assert paper["sft"]["margin"] < 0.1 * gpu_bytes("a100-80gb")
-    assert not paper["rm"]["fits"] and paper["rm"]["knobs"][0].startswith("rm.micro_batch_size 16 → 8")
+    assert not paper["rm"]["fits"] and paper["rm"]["knobs"][0] == "rm.gradient_checkpointing false → true"
+    assert report["groups"]["sft"]["per_gpu"]["activations"] < paper["sft"]["per_gpu"]["activations"] / 3
 
 
 def test_cpu_groups_are_planned_against_host_ram():
@@ -152,7 +159,7 @@ def test_an_impossible_config_does_not_fit_and_gets_knobs(capsys):
     sft = json.loads(capsys.readouterr().out)["groups"]["sft"]
     assert not sft["fits"] and sft["margin"] < 0
     assert any("sft.micro_batch_size 64 → " in k for k in sft["knobs"])
-    assert any(k.startswith("gradient checkpointing (not yet available)") for k in sft["knobs"])
+    assert not any("gradient_checkpointing" in k for k in sft["knobs"])  # already on in a100-7b.yaml
     assert main(["plan", "--config", config, "--gpu-memory-gib", "40", *IMPOSSIBLE]) == 0
     table = capsys.readouterr().out
     assert "DOES NOT FIT" in table and "to fit sft: " in table and "sft.micro_batch_size 64 → " in table
@@ -189,3 +196,91 @@ def test_the_table_names_every_group_and_the_verdict():
     for name in report["groups"]:
         assert f"\n{name} " in table
     assert "GPU: a100-80gb, 79.1 GiB per GPU" in table and "Everything fits." in table
+
+
+# --- the memory mechanics: checkpointing, micro-batches, offload ------------------------------------
+
+@pytest.mark.parametrize("gpus_per_node, nodes", [(8, 1), (8, 2)])
+def test_offloaded_model_states_agree_with_deepspeeds_estimators(gpus_per_node, nodes):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    shape, gpus = model_shape("meta-llama/Llama-2-7b-hf"), gpus_per_node * nodes
+    states = lambda z, opt, par: engine_states(shape.params, shape.largest_module, 2, z, gpus, True, opt, par)  # noqa
+    _, z2 = estimate_zero2_model_states_mem_needs(shape.params, gpus_per_node, nodes, cpu_offload=True)
+    assert model_states(states(2, True, False)) == pytest.approx(z2, rel=0.01)  # 2P: the 16-bit weights only
+    for params in (False, True):
+        _, z3, largest = estimate_zero3_model_states_mem_needs(
+            shape.params, shape.largest_module, gpus_per_node, nodes, cpu_offload=True, cpu_offload_params=params,
+            zero_init=True)
+        assert model_states(states(3, True, params)) == pytest.approx(z3, rel=0.01)
+    full = states(3, False, False)
+    moved = states(3, True, True)
+    assert moved["offloaded"] == sum(full[k] for k in ("weights", "grads", "master", "adam", "fp32_grads", "adam_temp"))
+
+
+def test_gradient_checkpointing_and_micro_batches_shrink_the_learners_activations():
+    cfg = load_config(REPO / "configs" / "a100-7b.yaml")
+    learner = lambda *sets: plan(_set(cfg, dict(sets)), gpu_bytes("a100-80gb"), groups=("ppo.learner",),  # noqa
+                                 knobs=False)["groups"]["ppo.learner"]
+    base = learner()
+    off = learner(("ppo.gradient_checkpointing", False))
+    assert base["inputs"]["gradient_checkpointing"] and off["phases"]["train"] > base["phases"]["train"] + 4 * GIB
+    # ppo.micro_batch_size rows per micro-step: halving it halves the train activations' row-dependent part.
+    small, big = learner(("ppo.micro_batch_size", 2)), learner(("ppo.micro_batch_size", 8))
+    assert small["phases"]["train"] < base["phases"]["train"] < big["phases"]["train"]
+    assert (small["inputs"]["accumulation"], big["inputs"]["accumulation"]) == (8, 2)
+    # Unset: the rank's share of a mini-batch in one micro-step (128 / 8 ranks).
+    assert learner(("ppo.micro_batch_size", None))["inputs"]["micro_rows"] == 16
+    # No-grad forwards of ppo.forward_micro_batch_size rows, whatever prompts_per_step.
+    assert learner(("ppo.prompts_per_step", 4096))["phases"]["evaluate"] == base["phases"]["evaluate"]
+    assert learner(("ppo.forward_micro_batch_size", 64))["phases"]["evaluate"] > base["phases"]["evaluate"]
+
+
+def test_full_kl_puts_a_reference_copy_on_the_learner_and_offload_moves_states_to_host():
+    cfg = load_config(REPO / "configs" / "a100-7b.yaml")
+    groups = lambda *sets: plan(_set(cfg, dict(sets)), gpu_bytes("a100-80gb"), knobs=False)["groups"]  # noqa
+    base, full = groups()["ppo.learner"], groups(("ppo.kl_estimator", "full"))["ppo.learner"]
+    params = model_shape(cfg.model.base).params
+    assert full["breakdown"]["reference_copy"] == 2 * params // 8  # bf16, ZeRO-3 over 8 ranks
+    assert full["phases"]["evaluate"] > base["phases"]["evaluate"] + full["breakdown"]["reference_copy"]
+    offload = groups(("ppo.offload_optimizer", True))["ppo.learner"]
+    moved = base["per_gpu"]["model_states"] - offload["per_gpu"]["model_states"]
+    assert moved > 0 and offload["offloaded_host_bytes"] >= moved
+    assert offload["phases"]["step"] < base["phases"]["step"]
+    # ppo.offload_reference / offload_reward: the forward's peak stays; between steps no weights on the GPU.
+    scorers = groups(("ppo.offload_reference", True), ("ppo.offload_reward", True))
+    for name in ("ppo.reference", "ppo.reward"):
+        before, after = groups()[name], scorers[name]
+        assert after["phases"]["forward"] == before["phases"]["forward"]
+        assert after["phases"]["idle"] == GIB < before["phases"]["idle"]
+        assert after["offloaded_host_bytes"] == before["per_gpu"]["model_states"]
+    report = plan(_set(cfg, {"ppo.offload_reference": True}), gpu_bytes("a100-80gb"))
+    # a100-7b is colocated: the learner's own offload between phases is named after the configured knobs.
+    assert report["offload"] == ("ppo.offload_reference, PPO learner optimizer states while the engines "
+                                 "generate (ppo.colocate all)")
+    assert "offload: ppo.offload_reference" in format_table(report)
+
+
+def test_a_learner_that_does_not_fit_is_offered_the_new_knobs():
+    cfg = load_config(REPO / "configs" / "a100-7b.yaml", ["ppo.gradient_checkpointing=false", "ppo.micro_batch_size=16",
+                                                          "ppo.zero_stage=2"])
+    learner = plan(cfg, gpu_bytes("a100-40gb"))["groups"]["ppo.learner"]
+    assert not learner["fits"]
+    assert learner["knobs"][0].startswith("together: ppo.gradient_checkpointing false → true; ppo.micro_batch_size")
+    stage = plan(load_config(REPO / "configs" / "a100-7b.yaml", ["sft.gradient_checkpointing=false",
+                                                                 "sft.micro_batch_size=32"]),
+                 gpu_bytes("a100-80gb"))["groups"]["sft"]
+    assert not stage["fits"] and stage["knobs"][0] == "sft.gradient_checkpointing false → true"
+
+
+def test_remax_learner_has_no_critic_states():
+    """ReMax trains the policy alone: the learner's plan drops the critic's weights, grads and Adam."""
+    base = load_config(REPO / "configs" / "a100-7b-2node.yaml")
+    remax = load_config(REPO / "configs" / "a100-7b-2node.yaml", ["ppo.algorithm=remax", "reward.mode=sequence"])
+    ppo_learner = plan(base, gpu_bytes("a100-80gb"))["groups"]["ppo.learner"]
+    remax_learner = plan(remax, gpu_bytes("a100-80gb"))["groups"]["ppo.learner"]
+    assert remax_learner["breakdown"]["critic"]["weights"] == 0
+    # The critic is a backbone + value head: roughly half of the two engines' states.
+    ratio = remax_learner["per_gpu"]["model_states"] / ppo_learner["per_gpu"]["model_states"]
+    assert 0.4 < ratio < 0.6

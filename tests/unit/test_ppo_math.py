@@ -87,8 +87,11 @@ class BigramLM(torch.nn.Module):
         with torch.no_grad():
             self.table[PREV, BAD] = boost
 
-    def forward(self, input_ids, attention_mask, position_ids=None):  # positions: a bigram ignores them
-        return SimpleNamespace(logits=self.table[input_ids])
+    def forward(self, input_ids, attention_mask, position_ids=None, logits_to_keep=None, use_cache=None):
+        # positions: a bigram ignores them; logits_to_keep as HF's (the positions whose logits are wanted)
+        assert use_cache is False  # every scoring forward turns HF's KV cache off
+        ids = input_ids if logits_to_keep is None else input_ids[:, logits_to_keep]
+        return SimpleNamespace(logits=self.table[ids])
 
 
 class PlantedTokenDiscriminator(torch.nn.Module):

@@ -81,13 +81,13 @@ def test_cosine_schedule_values_and_the_ppo_optimizer_step_count():
     # Warm-up 4 over 24 decay steps: linear (k + 1) / 5, then the cosine restarts from 1.
     assert [stages.lr_factor(k, 28, 4, "cosine") for k in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
     assert stages.lr_factor(16, 28, 4, "cosine") == pytest.approx(0.5)
-    # PPOLearner.train's count: each rank ceil(batch / world) rows in micro-batches of mini // world rows.
-    assert minibatches_per_epoch(8, 8, 1) == 1 and minibatches_per_epoch(8, 4, 1) == 2
-    assert minibatches_per_epoch(8, 4, 2) == 2 and minibatches_per_epoch(5, 4, 2) == 2  # 3 rows -> 2 x 2
-    assert minibatches_per_epoch(4, 1, 2) == 2  # micro never below 1 row
+    # PPOLearner.train's count: one optimizer step per mini-batch of the whole batch (the last may be
+    # short), whatever the ranks and the micro-batch (gradients accumulate; rl/minibatches.py).
+    assert minibatches_per_epoch(8, 8) == 1 and minibatches_per_epoch(8, 4) == 2 and minibatches_per_epoch(5, 4) == 2
     cfg = PPOConfig(prompts_per_step=8, mini_batch_size=4, ppo_epochs=3)
     assert optimizer_steps_per_update(cfg, world_size=1) == 6 and optimizer_steps_per_update(cfg, world_size=2) == 6
     assert optimizer_steps_per_update(PPOConfig(prompts_per_step=6, mini_batch_size=4, ppo_epochs=2), 4) == 4
+    assert optimizer_steps_per_update(PPOConfig(prompts_per_step=8, mini_batch_size=8, micro_batch_size=1), 2) == 1
 
 
 def test_micro_batches_shard_evenly_and_resume_in_place():
@@ -246,3 +246,39 @@ def test_eval_disc_and_rm_on_heldout_pairs(tiny_model_dir, tokenizer, tmp_path):
     save_head_model(rm, RunLayout.of(cfg).stage("rm").model, tokenizer)
     result = run_cli(cfg, Namespace(target="rm"))
     assert result["pairs"] == len(heldout) > 0 and result["pairwise_accuracy"] >= 0.9
+
+
+@pytest.mark.parametrize("stage", ["sft", "disc", "rm"])
+def test_gradient_checkpointing_is_on_and_gives_the_same_loss_and_gradients(stage, tiny_model_dir):
+    """<stage>.gradient_checkpointing: HF's (non-reentrant) on the LM or the head model's backbone,
+    recomputing layers in backward: the same numbers, less saved activations."""
+    from tlcr_ray.training.loop import build_model
+
+    batch = stages.collate(stage, _examples(stage), 0)
+    results = []
+    for on in (False, True):
+        model = build_model(stage, tiny_model_dir, seed=3, gradient_checkpointing=on).train()
+        target = getattr(model, "backbone", model)
+        assert target.is_gradient_checkpointing is on
+        calls = []
+        layer = target.model.layers[0] if stage == "sft" else target.layers[0]
+        layer.register_forward_pre_hook(lambda m, a: calls.append(1))
+        loss, _, _ = stages.compute_loss(stage, model, batch)
+        loss.backward()
+        # Checkpointed, the layer runs again in backward (the recomputation): twice per step.
+        assert len(calls) == (2 if on else 1)
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (loss_off, grads_off), (loss_on, grads_on) = results
+    assert torch.allclose(loss_on, loss_off, atol=1e-6) and len(grads_on) == len(grads_off) > 0
+    assert max((a - b).abs().max().item() for a, b in zip(grads_on, grads_off)) < 1e-5
+
+
+def _examples(stage: str) -> list[dict]:
+    """Four collate-ready examples of 5..11 random tokens in the stage's format."""
+    g = random.Random(7)
+    seqs = [[g.randrange(3000, 3100) for _ in range(n)] for n in (5, 11, 8, 6)]
+    if stage == "sft":
+        return [{"input_ids": s, "labels": [-100] * 2 + s[2:]} for s in seqs]
+    if stage == "disc":
+        return [{"input_ids": s, "targets": [-100.0] * 2 + [float(t % 2) for t in s[2:]]} for s in seqs]
+    return [{"chosen_ids": seqs[i], "rejected_ids": seqs[i + 1]} for i in (0, 2)]

@@ -57,9 +57,9 @@ class _HeadModel(nn.Module):
         """input_ids, attention_mask [B, T] -> head output at every position [B, T] (float32).
 
         Position ids come from the mask (`position_ids`), so a left-padded row is read as if unpadded
-        also by models with absolute position embeddings."""
+        also by models with absolute position embeddings. No KV cache: nothing is generated."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids(attention_mask)).last_hidden_state
+                               position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
         return self.head(hidden).squeeze(-1).float()
 
 

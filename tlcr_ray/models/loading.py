@@ -72,6 +72,14 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
+def enable_gradient_checkpointing(model):
+    """HF gradient checkpointing (non-reentrant) on a causal LM, or on a head model's backbone: each
+    decoder layer keeps only its input and recomputes the rest in backward. Active in train() mode."""
+    target = getattr(model, "backbone", model)
+    target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
 def load_policy(path: str, dtype: str = "float32"):
     from transformers import AutoModelForCausalLM
 

@@ -91,18 +91,26 @@ def response_logits_of(model, packed: PackedBatch, device: torch.device) -> torc
     positions = torch.arange(P - 1, P + R - 1, device=device)
     mask = packed.attention_mask.to(device)
     # Position ids from the mask: the left padding must not shift an absolute-position model's positions.
+    # No KV cache: nothing is generated from here (HF would otherwise keep every layer's K/V).
     return model(input_ids=packed.input_ids.to(device), attention_mask=mask, position_ids=position_ids(mask),
-                 logits_to_keep=positions).logits
+                 logits_to_keep=positions, use_cache=False).logits
 
 
 @torch.no_grad()
-def policy_logprobs(model, packed: PackedBatch, temperature: float = 1.0) -> torch.Tensor:
-    """[batch, R] log-probs of the packed responses under a causal LM, zero on padding."""
-    device = next(model.parameters()).device
-    mask = packed.attention_mask.to(device)
-    logits = model(input_ids=packed.input_ids.to(device), attention_mask=mask, position_ids=position_ids(mask)).logits
-    logp = token_logprobs(response_logits(logits, packed), packed.response_ids.to(device), temperature)
-    return logp.cpu() * packed.response_mask
+def policy_logprobs(model, packed: PackedBatch, temperature: float = 1.0, micro_batch_size: int | None = None,
+                    device: torch.device | None = None) -> torch.Tensor:
+    """[batch, R] log-probs of the packed responses under a causal LM, zero on padding; the forward runs
+    `micro_batch_size` rows at a time (`models.forward.micro_batched`)."""
+    from tlcr_ray.models.forward import micro_batched
+
+    device = device or next(model.parameters()).device
+
+    def forward(rows: slice) -> torch.Tensor:
+        part = select_rows(packed, range(packed.input_ids.shape[0])[rows])
+        logits = response_logits_of(model, part, device)
+        return token_logprobs(logits, part.response_ids.to(device), temperature).cpu()
+
+    return micro_batched(forward, packed.input_ids.shape[0], micro_batch_size) * packed.response_mask
 
 
 def shard_rows(batch_size: int, rank: int, world_size: int) -> range:

@@ -3,12 +3,15 @@
     learner = PPOLearner("runs/demo/sft/model", ppo_cfg, rank=0, world_size=1,
                          init_method="file:///tmp/tlcr-rdzv", critic_dir="runs/demo/disc/model")
     old = learner.evaluate(batch, pad_id)           # {"logprobs", "values", "entropy"}: [batch, R]
-                                                    # (+ "logits" [batch, R, vocab] for kl_estimator full)
+                                                    # (+ "kl" [batch, R], exact, for kl_estimator full)
     stats = learner.train(batch, pad_id, advantages, returns, old["logprobs"], old["values"])
 
-Every rank packs the WHOLE batch (so P and R agree across ranks) and works on its own contiguous
-block of rows; gradients are averaged by DeepSpeed over the torch.distributed group (gloo on CPU,
-nccl on GPU). `evaluate` returns only this rank's rows; the caller concatenates in rank order.
+Every rank packs the WHOLE batch (so P and R agree across ranks). `evaluate` scores the rank's
+contiguous block of rows, ppo.forward_micro_batch_size rows per forward, and returns only those (the
+caller concatenates in rank order). `train` takes each mini-batch's rank share in micro-steps of
+ppo.micro_batch_size rows and accumulates gradients to one optimizer step per mini-batch
+(`rl.minibatches`); DeepSpeed averages them over the torch.distributed group (gloo on CPU, nccl on GPU).
+With ppo.gradient_checkpointing both engines recompute their layers in backward.
 
 The critic starts from `critic_dir` (ppo.critic_init: the run's discriminator or RM, head weights
 included; or the policy with a fresh head). Both engines follow ppo.lr_schedule over the run's
@@ -19,35 +22,31 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from tlcr_ray.models import enable_gradient_checkpointing, micro_batched, resident, row_slices
 from tlcr_ray.rl.batch import (
     PackedBatch,
     RolloutBatch,
     pack,
+    policy_logprobs,
     response_logits_of,
     select_rows,
     shard_rows,
-    token_logprobs,
 )
-from tlcr_ray.rl.ppo_math import masked_mean, policy_loss, value_loss
+from tlcr_ray.rl.minibatches import (  # noqa: F401  (optimizer_steps_per_update: the count the schedule runs over)
+    micro_rows,
+    micro_steps_per_minibatch,
+    minibatches_per_epoch,
+    optimizer_steps_per_update,
+    rank_schedule,
+)
+from tlcr_ray.rl.ppo_math import full_kl, policy_loss, token_sum_over, value_loss
 from tlcr_ray.training.optim import PRECISION_OF_DTYPE, deepspeed_config, lr_scheduler
-
-
-def minibatches_per_epoch(batch_size: int, mini_batch_size: int, world_size: int) -> int:
-    """Optimizer steps of one pass over a PPO batch: each rank takes ceil(batch / world) rows in
-    micro-batches of mini_batch_size // world rows; every rank runs the same count (each step all-reduces)."""
-    micro = max(1, mini_batch_size // world_size)
-    per_rank = -(-batch_size // world_size)
-    return -(-per_rank // micro)
-
-
-def optimizer_steps_per_update(ppo_cfg, world_size: int) -> int:
-    """Optimizer steps of one PPO step (`PPOLearner.train` on a batch of ppo.prompts_per_step rows)."""
-    return ppo_cfg.ppo_epochs * minibatches_per_epoch(ppo_cfg.prompts_per_step, ppo_cfg.mini_batch_size, world_size)
 
 
 class PPOLearner:
@@ -57,7 +56,7 @@ class PPOLearner:
 
         from tlcr_ray.models import load_policy, load_value_model
 
-        self.cfg, self.rank, self.world_size = ppo_cfg, rank, world_size
+        self.cfg, self.rank, self.world_size, self.dtype = ppo_cfg, rank, world_size, dtype
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -71,12 +70,22 @@ class PPOLearner:
                                    auto_mpi_discovery=False, verbose=False)
         self.policy_dir = policy_dir
         policy = load_policy(policy_dir, dtype=dtype)
+        if ppo_cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(policy)
+        self.micro = micro_rows(ppo_cfg, world_size)
+        self.accum = micro_steps_per_minibatch(ppo_cfg.mini_batch_size, self.micro, world_size)
         self.actor = self._engine(policy, ppo_cfg.actor_lr, dtype)
         self.critic = None  # ReMax (ppo.algorithm remax) has no critic: its baseline is the greedy reward
         if ppo_cfg.algorithm != "remax":
             # A head-model folder gives backbone + head weights; the policy folder a fresh head.
             critic = load_value_model(critic_dir or policy_dir, dtype=dtype, seed=ppo_cfg.seed)
+            if ppo_cfg.gradient_checkpointing:
+                enable_gradient_checkpointing(critic)
             self.critic = self._engine(critic, ppo_cfg.critic_lr, dtype)
+        # kl_estimator full: the frozen initial policy beside the actor, so that the exact KL is computed
+        # where both distributions are (docs/algorithm.md §6); one more model per rank (ZeRO-3: sharded).
+        self.reference = self._reference(load_policy(policy_dir, dtype=dtype)) if ppo_cfg.kl_estimator == "full" \
+            else None
 
     @property
     def engines(self) -> dict:
@@ -86,17 +95,33 @@ class PPOLearner:
     def _engine(self, model, lr: float, dtype: str):
         import deepspeed
 
-        micro = max(1, self.cfg.mini_batch_size // self.world_size)
-        config = deepspeed_config(micro_batch_size=micro, grad_accum=1, world_size=self.world_size,
-                                  zero_stage=self.cfg.zero_stage, precision=PRECISION_OF_DTYPE[dtype],
-                                  max_grad_norm=self.cfg.max_grad_norm)
+        cfg = self.cfg
+        config = deepspeed_config(micro_batch_size=self.micro, grad_accum=self.accum, world_size=self.world_size,
+                                  zero_stage=cfg.zero_stage, precision=PRECISION_OF_DTYPE[dtype],
+                                  max_grad_norm=cfg.max_grad_norm, offload_optimizer=cfg.offload_optimizer,
+                                  offload_params=cfg.offload_params)
         # A plain torch optimizer: DeepSpeed's CPU/fused Adam would JIT-compile for a minute first.
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-        total = self.cfg.steps * optimizer_steps_per_update(self.cfg, self.world_size)
-        schedule = lr_scheduler(optimizer, total=total, warmup=self.cfg.warmup_steps, schedule=self.cfg.lr_schedule)
-        # Passed to DeepSpeed: engine.step() steps it, and save/load_checkpoint keep its state.
+        total = cfg.steps * optimizer_steps_per_update(cfg, self.world_size)
+        schedule = lr_scheduler(optimizer, total=total, warmup=cfg.warmup_steps, schedule=cfg.lr_schedule)
+        # Passed to DeepSpeed: engine.step() steps it (at each accumulation boundary), and
+        # save/load_checkpoint keep its state.
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=config)
         return engine
+
+    def _reference(self, model):
+        """The learner's frozen reference: under ZeRO-3 a DeepSpeed engine without optimizer (sharded like
+        the actor; ppo.offload_reference: its parameters in host RAM), else the module itself (offloaded
+        between evaluations with ppo.offload_reference)."""
+        model.eval().requires_grad_(False)
+        if self.cfg.zero_stage != 3:
+            return model if self.cfg.offload_reference else model.to(self.device)
+        import deepspeed
+
+        config = deepspeed_config(micro_batch_size=self.cfg.forward_micro_batch_size, grad_accum=1, zero_stage=3,
+                                  precision=PRECISION_OF_DTYPE[self.dtype], max_grad_norm=self.cfg.max_grad_norm,
+                                  world_size=self.world_size, offload_params=self.cfg.offload_reference)
+        return deepspeed.initialize(model=model, config=config)[0]
 
     # ------------------------------------------------------------------ forwards
     def _forward(self, packed: PackedBatch, with_values: bool = True):
@@ -113,83 +138,101 @@ class PPOLearner:
         logprobs = logp.gather(-1, packed.response_ids.to(self.device).unsqueeze(-1)).squeeze(-1)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.entropy_coef > 0):
             entropy = -(logp.exp() * logp).sum(-1)
-        values = None
-        if with_values and self.critic is None:  # ReMax: no value function; zeros keep the batch layout
-            values = torch.zeros_like(logprobs)
-        elif with_values:
-            P, R = packed.prompt_len, packed.response_ids.shape[1]
-            # Value of the state BEFORE action t sits one column left of the token, like its logits.
-            values = self.critic(packed.input_ids.to(self.device),
-                                 packed.attention_mask.to(self.device))[:, P - 1:P + R - 1]
+        values = self._values(packed) if with_values else None
         return logits, logprobs, entropy, values
+
+    def _values(self, packed: PackedBatch) -> torch.Tensor:
+        """[rows, R]: the value of the state BEFORE action t sits one column left of the token, like its logits.
+        ReMax: no value function; zeros keep the batch layout."""
+        P, R = packed.prompt_len, packed.response_ids.shape[1]
+        if self.critic is None:
+            return torch.zeros(packed.input_ids.shape[0], R, device=self.device)
+        return self.critic(packed.input_ids.to(self.device), packed.attention_mask.to(self.device))[:, P - 1:P + R - 1]
 
     @torch.no_grad()
     def evaluate(self, batch: RolloutBatch, pad_id: int) -> dict:
         """Old log-probs, values and entropy of this rank's rows: each [rows, R], 0 on padding; with
-        ppo.kl_estimator full also "logits" [rows, R, vocab] (response positions only)."""
+        ppo.kl_estimator full also "kl" [rows, R], the exact KL(pi || pi_ref) at each response position
+        (from this rank's reference copy). ppo.forward_micro_batch_size rows per forward."""
         start = time.perf_counter()
         packed = pack(batch.prompt_ids, batch.response_ids, pad_id)
-        rows = list(shard_rows(len(batch.prompt_ids), self.rank, self.world_size))
-        part = select_rows(packed, rows)
+        part = select_rows(packed, shard_rows(len(batch.prompt_ids), self.rank, self.world_size))
         for engine in self.engines.values():
             engine.eval()
-        logits, logprobs, entropy, values = self._forward(part)
-        mask = part.response_mask
-        out = {"logprobs": logprobs.float().cpu() * mask, "values": values.float().cpu() * mask,
-               "entropy": entropy.float().cpu() * mask}
-        if self.cfg.kl_estimator == "full":
-            out["logits"] = logits.float().cpu()
+
+        def forward(micro: PackedBatch) -> dict:
+            logits, logprobs, entropy, values = self._forward(micro)
+            out = {"logprobs": logprobs.float().cpu(), "values": values.float().cpu(), "entropy": entropy.float().cpu()}
+            if self.reference is not None:
+                ref_logits = response_logits_of(self.reference, micro, self.device)
+                out["kl"] = full_kl(logits, ref_logits, self.cfg.temperature).cpu()
+            return out
+
+        offload = self.reference is not None and self.cfg.offload_reference and self.cfg.zero_stage != 3
+        n, size = part.input_ids.shape[0], self.cfg.forward_micro_batch_size
+        with resident(self.reference, self.device, offload) if offload else nullcontext():
+            out = micro_batched(lambda rows: forward(select_rows(part, range(n)[rows])), n, size)
+            if self.cfg.zero_stage == 3:  # each forward gathers parameters collectively: every rank runs as
+                most = len(row_slices(-(-len(batch.prompt_ids) // self.world_size), size))  # many as the
+                for _ in range(most - len(row_slices(n, size))):  # busiest, a spare one-row forward if short
+                    forward(select_rows(packed, [0]))
+        out = {k: v * part.response_mask for k, v in out.items()}
         out["seconds"] = time.perf_counter() - start
         return out
 
     def train(self, batch: RolloutBatch, pad_id: int, advantages: torch.Tensor, returns: torch.Tensor,
               old_logprobs: torch.Tensor, old_values: torch.Tensor) -> dict:
-        """One PPO update on this rank's rows. Tensors are the whole batch's, [batch, R]."""
+        """One PPO update on this rank's share of each mini-batch (`rl.minibatches.rank_schedule`), in
+        micro-steps of ppo.micro_batch_size rows with gradients accumulated to one optimizer step per
+        mini-batch. Tensors are the whole batch's, [batch, R]."""
         start = time.perf_counter()
         packed = pack(batch.prompt_ids, batch.response_ids, pad_id)
-        rows = list(shard_rows(len(batch.prompt_ids), self.rank, self.world_size))
-        micro = max(1, self.cfg.mini_batch_size // self.world_size)
-        # Every rank must run the same number of optimizer steps (each step all-reduces).
-        n_minibatches = minibatches_per_epoch(len(batch.prompt_ids), self.cfg.mini_batch_size, self.world_size)
+        mask = packed.response_mask
+        schedule = rank_schedule(len(batch.prompt_ids), self.cfg.mini_batch_size, self.micro, self.world_size,
+                                 self.rank, self.cfg.ppo_epochs, self.cfg.seed)
         lrs = {f"{name}_lr": engine.get_lr()[0] for name, engine in self.engines.items()}  # this update's
-        generator = torch.Generator().manual_seed(self.cfg.seed * 7919 + len(rows))
         for engine in self.engines.values():
             engine.train()
-        totals: dict[str, float] = {}
-        count = 0
-        for _ in range(self.cfg.ppo_epochs):
-            order = [rows[i] for i in torch.randperm(len(rows), generator=generator).tolist()]
-            for k in range(n_minibatches):
-                chosen = order[k * micro:(k + 1) * micro] or order[:1]
-                stats = self._step(select_rows(packed, chosen), advantages[chosen], returns[chosen],
-                                   old_logprobs[chosen], old_values[chosen])
+        sums: dict[str, float] = {}
+        for minibatch in schedule:
+            tokens = float(mask[minibatch[0].minibatch].sum())  # the whole mini-batch's, over all ranks
+            for step in minibatch:
+                stats = self._step(select_rows(packed, step.rows), advantages[step.rows], returns[step.rows],
+                                   old_logprobs[step.rows], old_values[step.rows], step.weight, tokens)
                 for key, value in stats.items():
-                    totals[key] = totals.get(key, 0.0) + value
-                count += 1
-        result = {key: value / max(count, 1) for key, value in totals.items()}
+                    sums[key] = sums.get(key, 0.0) + value
+        n = max(sums.pop("tokens", 0.0), 1.0)
+        result = {key: value / n for key, value in sums.items()}  # token means over this rank's real rows
         result.update(lrs)
         result["seconds"] = time.perf_counter() - start
         return result
 
-    def _step(self, part: PackedBatch, advantages, returns, old_logprobs, old_values) -> dict[str, float]:
+    def _step(self, part: PackedBatch, advantages, returns, old_logprobs, old_values, weight: float,
+              minibatch_tokens: float) -> dict[str, float]:
+        """One micro-step of both engines. The loss is the micro-batch's token sum over the mini-batch's
+        token count x world size (DeepSpeed averages gradients over ranks; accumulation adds them, so
+        scale_wrt_gas=False), x `weight` (0 for a placeholder): any cut of the mini-batch into ranks and
+        micro-batches gives the gradient of its token mean. -> token sums of the diagnostics."""
         mask = part.response_mask.to(self.device)
+        scale, norm = weight * self.world_size, minibatch_tokens
         _, logprobs, entropy, _ = self._forward(part, with_values=False)
         pg_loss, clipfrac, approx_kl = policy_loss(logprobs, old_logprobs.to(self.device),
-                                                   advantages.to(self.device), mask, self.cfg.clip_eps)
-        entropy_mean = masked_mean(entropy, mask)
-        self.actor.backward(pg_loss - self.cfg.entropy_coef * entropy_mean if self.cfg.entropy_coef else pg_loss)
-        self.actor.step()
-        stats = {"policy_loss": pg_loss.item(), "clip_frac": clipfrac.item(), "approx_kl": approx_kl.item(),
-                 "entropy": entropy_mean.item()}
+                                                   advantages.to(self.device), mask, self.cfg.clip_eps, norm)
+        entropy_sum = token_sum_over(entropy, mask, norm)
+        loss = pg_loss - self.cfg.entropy_coef * entropy_sum if self.cfg.entropy_coef else pg_loss
+        self.actor.backward(loss * scale, scale_wrt_gas=False)
+        self.actor.step()  # an optimizer step at the accumulation boundary only
+        tokens = float(mask.sum()) * weight
+        stats = {"policy_loss": pg_loss.item() * norm * weight, "entropy": entropy_sum.item() * norm * weight,
+                 "clip_frac": clipfrac.item() * tokens, "approx_kl": approx_kl.item() * tokens, "tokens": tokens}
         if self.critic is None:
             return stats
-        P, R = part.prompt_len, part.response_ids.shape[1]
-        values = self.critic(part.input_ids.to(self.device), part.attention_mask.to(self.device))[:, P - 1:P + R - 1]
+        values = self._values(part)
         vf_loss, vf_clipfrac = value_loss(values.float(), old_values.to(self.device), returns.to(self.device),
-                                          mask, self.cfg.value_clip)
-        self.critic.backward(vf_loss)
+                                          mask, self.cfg.value_clip, norm)
+        self.critic.backward(vf_loss * scale, scale_wrt_gas=False)
         self.critic.step()
-        return {**stats, "value_loss": vf_loss.item(), "value_clip_frac": vf_clipfrac.item()}
+        return {**stats, "value_loss": vf_loss.item() * norm * weight, "value_clip_frac": vf_clipfrac.item() * tokens}
 
     # ------------------------------------------------------------------ weights and checkpoints
     def full_state_dict(self, device: str = "cpu") -> dict[str, torch.Tensor] | None:
@@ -238,8 +281,7 @@ class PPOLearner:
         """Log-probs (temperature 1) of given responses under the current policy, for sync checks."""
         packed = pack(prompt_ids, response_ids, pad_id)
         self.actor.eval()
-        logits = response_logits_of(self.actor, packed, self.device)
-        logp = token_logprobs(logits, packed.response_ids.to(self.device)).cpu()
+        logp = policy_logprobs(self.actor, packed, 1.0, self.cfg.forward_micro_batch_size, self.device)
         return [row[:len(r)] for row, r in zip(logp.tolist(), response_ids)]
 
     def save_checkpoint(self, folder: str) -> None:

@@ -2,6 +2,7 @@
 
     kl = kl_penalty(old_logprobs, ref_logprobs)                    # k1: log pi - log pi_ref
     kl = full_kl(old_logits, ref_logits)                           # or exact, over the vocabulary
+                                                                   # (the learner's, per micro-batch)
     R = shaped_rewards(token_rewards, kl, response_mask, kl_coef)  # R_t = r_t - beta * KL_t
     adv, ret = gae(R, old_values, response_mask, gamma=1.0, lam=0.95)
     adv = masked_whiten(adv, response_mask)
@@ -62,14 +63,18 @@ def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float =
 
 def token_kl(estimator: str, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
              logits: torch.Tensor | None = None, ref_logits: torch.Tensor | None = None,
-             temperature: float = 1.0) -> torch.Tensor:
+             temperature: float = 1.0, kl: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token KL_t, [batch, R], by `estimator` (ppo.kl_estimator).
 
     k1/k3 read the sampled tokens' log-probs ([batch, R] each); full needs the policy's and the
-    reference's logits at the response positions ([batch, R, vocab] each).
+    reference's logits at the response positions ([batch, R, vocab] each), or `kl` [batch, R], the exact
+    KL already computed where the logits are (`PPOLearner.evaluate`, which holds a reference copy: the
+    controller never sees a vocabulary-sized tensor).
     """
     if estimator != "full":
         return kl_penalty(logprobs, ref_logprobs, estimator)
+    if kl is not None:
+        return kl.float()
     if logits is None or ref_logits is None:
         raise ValueError("kl estimator 'full' needs the policy's and the reference's [batch, R, vocab] logits")
     return full_kl(logits, ref_logits, temperature)
@@ -103,26 +108,38 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * mask
 
 
+def token_sum_over(x: torch.Tensor, mask: torch.Tensor, normaliser: float | torch.Tensor | None) -> torch.Tensor:
+    """sum(x * mask) / normaliser; None: the token mean, masked_mean(x, mask). A micro-batch of a larger
+    mini-batch passes the mini-batch's token count, so its micro-batches' losses add up to the token mean
+    over the whole mini-batch (not a mean of micro-batch means)."""
+    if normaliser is None:
+        return masked_mean(x, mask)
+    return (x * mask).sum() / max(float(normaliser), 1.0)
+
+
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                mask: torch.Tensor, clip_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Clipped surrogate, token-mean over valid tokens. [batch, R] inputs -> (loss, clip fraction, approx KL)."""
+                mask: torch.Tensor, clip_eps: float, normaliser: float | torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clipped surrogate, token-mean over valid tokens (or the token sum / `normaliser`, `token_sum_over`).
+    [batch, R] inputs -> (loss, clip fraction, approx KL); the two diagnostics are this batch's token means."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = token_sum_over(torch.maximum(unclipped, clipped), mask, normaliser)
     clipfrac = masked_mean((clipped > unclipped).float(), mask)
     approx_kl = masked_mean(0.5 * log_ratio ** 2, mask)
     return loss, clipfrac.detach(), approx_kl.detach()
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clipped value loss 0.5 * max((v - R)^2, (v_clipped - R)^2), token-mean. -> (loss, clip fraction)."""
+               clip: float, normaliser: float | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss 0.5 * max((v - R)^2, (v_clipped - R)^2), token-mean (or / `normaliser`).
+    -> (loss, clip fraction)."""
     clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
     loss_unclipped = (values - returns) ** 2
     loss_clipped = (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(loss_unclipped, loss_clipped), mask)
+    loss = 0.5 * token_sum_over(torch.maximum(loss_unclipped, loss_clipped), mask, normaliser)
     clipfrac = masked_mean((loss_clipped > loss_unclipped).float(), mask)
     return loss, clipfrac.detach()
 
@@ -137,13 +154,14 @@ def advantages_from_rollout(rewards: torch.Tensor, logprobs: torch.Tensor, ref_l
                             values: torch.Tensor, mask: torch.Tensor, *, kl_coef: float, gamma: float,
                             lam: float, kl_estimator: str = "k1", whiten: bool = True,
                             logits: torch.Tensor | None = None, ref_logits: torch.Tensor | None = None,
-                            temperature: float = 1.0) -> dict[str, torch.Tensor]:
+                            temperature: float = 1.0, kl: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The controller's step between scoring and the update; every tensor [batch, R], except the
-    [batch, R, vocab] `logits` / `ref_logits` that kl_estimator "full" needs (see `token_kl`).
+    [batch, R, vocab] `logits` / `ref_logits` that kl_estimator "full" needs unless `kl` brings it
+    (see `token_kl`).
 
     -> {"kl", "shaped_rewards", "advantages" (whitened if asked), "returns"}.
     """
-    kl = token_kl(kl_estimator, logprobs, ref_logprobs, logits, ref_logits, temperature) * mask
+    kl = token_kl(kl_estimator, logprobs, ref_logprobs, logits, ref_logits, temperature, kl) * mask
     shaped = shaped_rewards(rewards, kl, mask, kl_coef)
     advantages, returns = gae(shaped, values, mask, gamma, lam)
     if whiten:
@@ -154,7 +172,8 @@ def advantages_from_rollout(rewards: torch.Tensor, logprobs: torch.Tensor, ref_l
 def remax_advantages(rewards: torch.Tensor, baseline: torch.Tensor, logprobs: torch.Tensor,
                      ref_logprobs: torch.Tensor, mask: torch.Tensor, *, kl_coef: float, gamma: float,
                      kl_estimator: str = "k1", logits: torch.Tensor | None = None,
-                     ref_logits: torch.Tensor | None = None, temperature: float = 1.0) -> dict[str, torch.Tensor]:
+                     ref_logits: torch.Tensor | None = None, temperature: float = 1.0,
+                     kl: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """ReMax (docs/algorithm.md §10): REINFORCE with the greedy response's reward as the baseline.
 
     rewards, logprobs, ref_logprobs, mask: [batch, R] for the sampled responses; baseline: [batch], the
@@ -166,7 +185,7 @@ def remax_advantages(rewards: torch.Tensor, baseline: torch.Tensor, logprobs: to
     kl_coef 0 and gamma 1, A_t = r(sample) - r(greedy) on every token of the row.
     -> {"kl", "shaped_rewards", "advantages", "returns"} like `advantages_from_rollout` (returns = advantages).
     """
-    kl = token_kl(kl_estimator, logprobs, ref_logprobs, logits, ref_logits, temperature) * mask
+    kl = token_kl(kl_estimator, logprobs, ref_logprobs, logits, ref_logits, temperature, kl) * mask
     shaped = shaped_rewards(rewards, kl, mask, kl_coef)
     lengths = mask.sum(1).long()
     last = (lengths - 1).clamp(min=0)

@@ -71,12 +71,42 @@ def apply_missing_eos_penalty(rewards: torch.Tensor, response_mask: torch.Tensor
 
 @torch.no_grad()
 def discriminator_probs(discriminator, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        prompt_len: int, response_mask: torch.Tensor) -> torch.Tensor:
+                        prompt_len: int, response_mask: torch.Tensor, micro_batch_size: int | None = None) -> torch.Tensor:
     """p_t for each response token, read at the token's OWN column (prompt_len + t): [batch, R].
 
-    input_ids/attention_mask [batch, P + R] in the `rollout.pack` layout; 0 on padding.
+    input_ids/attention_mask [batch, P + R] in the `rollout.pack` layout; 0 on padding. The forward runs
+    `micro_batch_size` rows at a time (None: all at once).
     """
+    from tlcr_ray.models.forward import micro_batched
+
     device = next(discriminator.parameters()).device
-    logits = discriminator(input_ids.to(device), attention_mask.to(device)).float().cpu()
     R = response_mask.shape[1]
-    return torch.sigmoid(logits[:, prompt_len:prompt_len + R]) * response_mask
+
+    def forward(rows: slice) -> torch.Tensor:
+        logits = discriminator(input_ids[rows].to(device), attention_mask[rows].to(device)).float().cpu()
+        return torch.sigmoid(logits[:, prompt_len:prompt_len + R])
+
+    return micro_batched(forward, input_ids.shape[0], micro_batch_size) * response_mask
+
+
+@torch.no_grad()
+def sequence_scores(reward_model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    micro_batch_size: int | None = None) -> torch.Tensor:
+    """[batch, T] -> [batch] sequence RM scores (float32, CPU), `micro_batch_size` rows per forward."""
+    from tlcr_ray.models.forward import micro_batched
+
+    device = next(reward_model.parameters()).device
+    return micro_batched(lambda rows: reward_model(input_ids[rows].to(device), attention_mask[rows].to(device))
+                         .float().cpu(), input_ids.shape[0], micro_batch_size)
+
+
+def score_packed(model, packed, reward_cfg, micro_batch_size: int | None = None) -> dict:
+    """The reward actor's step on a packed batch: {"rewards": [batch, R], "p": [batch, R]} in the token
+    modes, {"rewards", "scores": [batch]} in `sequence` mode (reward_cfg: the config's `reward`)."""
+    mask = packed.response_mask
+    if reward_cfg.mode == "sequence":
+        scores = sequence_scores(model, packed.input_ids, packed.attention_mask, micro_batch_size)
+        return {"scores": scores, "rewards": sequence_rewards(scores, mask, reward_cfg.sequence_clip)}
+    p = discriminator_probs(model, packed.input_ids, packed.attention_mask, packed.prompt_len, mask, micro_batch_size)
+    rewards = token_rewards(p, reward_cfg.mode, reward_cfg.fixed_pos_threshold, reward_cfg.fixed_neg_threshold)
+    return {"p": p, "rewards": rewards * mask}

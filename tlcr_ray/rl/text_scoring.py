@@ -67,17 +67,21 @@ def encode_items(tokenizer, pairs: list[tuple[str, str]], max_prompt_len: int | 
 
 
 @torch.no_grad()
-def response_probabilities(model: torch.nn.Module, encoded: list[Encoded], pad_token_id: int) -> list[list[float]]:
-    """One forward over the right-padded batch; p_t of each response token, read at its own position.
+def response_probabilities(model: torch.nn.Module, encoded: list[Encoded], pad_token_id: int,
+                           micro_batch_size: int | None = None) -> list[list[float]]:
+    """Forwards over the right-padded batch, `micro_batch_size` rows each (None: one); p_t of each
+    response token, read at its own position.
 
     Builds input_ids/attention_mask [B, T] (T = longest sequence); returns B lists of length R_i.
     """
+    from tlcr_ray.models.forward import micro_batched
+
     if not any(e.input_ids for e in encoded):  # nothing to run (the tokenizer drops e.g. some control chars)
         return [[] for _ in encoded]
     device = next(model.parameters()).device
     input_ids, attention_mask = ids_and_mask([e.input_ids for e in encoded], pad_token_id)
-    logits = model(input_ids.to(device), attention_mask.to(device))  # [B, T]
-    probs = torch.sigmoid(logits.float()).cpu()
+    probs = micro_batched(lambda rows: torch.sigmoid(model(input_ids[rows].to(device), attention_mask[rows].to(device))
+                                                     .float()).cpu(), len(encoded), micro_batch_size)  # [B, T]
     return [probs[row, enc.response_start: len(enc.input_ids)].tolist() for row, enc in enumerate(encoded)]
 
 

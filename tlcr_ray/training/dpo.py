@@ -99,7 +99,8 @@ def compute_reference_logps(model, examples: list[dict], pad_id: int, micro_batc
     for i in range(0, len(examples), micro_batch_size):
         chunk = examples[i:i + micro_batch_size]
         batch = {k: v.to(device) for k, v in collate("dpo", chunk, pad_id, with_reference=False).items()}
-        logps = response_logps(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+        logps = response_logps(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                     use_cache=False).logits,
                                batch["labels"])
         chosen, rejected = logps.chunk(2)
         for e, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):

@@ -21,7 +21,14 @@ from torch import nn
 from tlcr_ray.config import TrainConfig
 from tlcr_ray.io import atomic_folder
 from tlcr_ray.layout import POLICY_STAGES
-from tlcr_ray.models import SequenceRewardModel, TokenDiscriminator, load_policy, load_tokenizer, save_head_model
+from tlcr_ray.models import (
+    SequenceRewardModel,
+    TokenDiscriminator,
+    enable_gradient_checkpointing,
+    load_policy,
+    load_tokenizer,
+    save_head_model,
+)
 from tlcr_ray.tracking import MetricsLog
 from tlcr_ray.training.batching import collate, micro_batches
 from tlcr_ray.training.losses import StepStats, compute_loss
@@ -58,12 +65,17 @@ class LoopSpec:
     """DPO only: the cache file of the reference's log-probs (RunLayout.dpo_reference_logps)."""
 
 
-def build_model(stage: str, init_path: str, dtype: str = "float32", seed: int = 0) -> nn.Module:
-    """sft / dpo / figa: the causal LM itself; disc / rm: its backbone with a fresh head."""
+def build_model(stage: str, init_path: str, dtype: str = "float32", seed: int = 0,
+                gradient_checkpointing: bool = False) -> nn.Module:
+    """sft / dpo / figa: the causal LM itself; disc / rm: its backbone with a fresh head.
+    `gradient_checkpointing` (<stage>.gradient_checkpointing): HF's, non-reentrant, on the LM or the head
+    model's backbone."""
     if stage in POLICY_STAGES:
-        return load_policy(init_path, dtype)
-    cls = {"disc": TokenDiscriminator, "rm": SequenceRewardModel}[stage]
-    return cls.from_pretrained(init_path, dtype=dtype, seed=seed)
+        model = load_policy(init_path, dtype)
+    else:
+        cls = {"disc": TokenDiscriminator, "rm": SequenceRewardModel}[stage]
+        model = cls.from_pretrained(init_path, dtype=dtype, seed=seed)
+    return enable_gradient_checkpointing(model) if gradient_checkpointing else model
 
 
 def export_model(stage: str, model: nn.Module, path, tokenizer, state_dict: dict | None = None) -> None:
@@ -85,7 +97,8 @@ def build_engine(spec: LoopSpec):
     cfg = spec.train_cfg
     torch.manual_seed(cfg.seed)
     # Half-precision runs load half-precision weights (7B in fp32 is 28 GB per worker); DeepSpeed keeps fp32 masters.
-    model = build_model(spec.stage, spec.init, WEIGHT_DTYPES[cfg.precision], seed=cfg.seed)
+    model = build_model(spec.stage, spec.init, WEIGHT_DTYPES[cfg.precision], seed=cfg.seed,
+                        gradient_checkpointing=cfg.gradient_checkpointing)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     warmup = round(cfg.warmup_ratio * spec.total_steps)
     schedule = lr_scheduler(optimizer, total=spec.total_steps, warmup=warmup, schedule=cfg.lr_schedule)

@@ -79,13 +79,13 @@ def compute_loss(stage: str, model: nn.Module, batch: dict[str, torch.Tensor],
 
     ids, mask = batch["input_ids"], batch["attention_mask"]
     if stage == "sft":
-        return sft_loss(model(input_ids=ids, attention_mask=mask).logits, batch["labels"])
+        return sft_loss(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, batch["labels"])
     if stage == "dpo":
-        logps = response_logps(model(input_ids=ids, attention_mask=mask).logits, batch["labels"])
+        logps = response_logps(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, batch["labels"])
         return dpo_loss(logps, batch["ref_logps"], train_cfg.beta)
     if stage == "figa":
-        return figa_loss(model(input_ids=ids, attention_mask=mask).logits, batch["labels"], batch["weights"],
-                         train_cfg.bad_token_max_ce)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        return figa_loss(logits, batch["labels"], batch["weights"], train_cfg.bad_token_max_ce)
     if stage == "disc":
         return disc_loss(model(ids, mask), batch["targets"])
     if stage == "rm":
