@@ -14,6 +14,7 @@ from actors.reference import Reference
 from actors.reward import RewardScorer
 from actors.rollout import Rollout
 from tlcr_ray.config import Config
+from tlcr_ray.oom import TEST_OOM_ENV
 from tlcr_ray.rl.weight_sync import weight_sync_method
 
 
@@ -44,6 +45,8 @@ class ActorGroups:
         env_vars = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
         if ppo.threads_per_actor:  # Ray keeps an OMP_NUM_THREADS that is already set
             env_vars["OMP_NUM_THREADS"] = str(ppo.threads_per_actor)
+        if TEST_OOM_ENV in os.environ:  # the OOM tests' hook (tlcr_ray.oom) reaches the actors this way
+            env_vars[TEST_OOM_ENV] = os.environ[TEST_OOM_ENV]
         runtime_env = {"env_vars": env_vars}  # merged into the job's runtime env
 
         def opts(name: str, i: int) -> dict:

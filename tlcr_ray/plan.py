@@ -31,9 +31,10 @@ s² scores; derived from what autograd saves, cf. Korthikanti et al. 2022's 34sb
 Buffers: DeepSpeed's gradient bucket, reduce_bucket_size 5e8 elements (e·5e8 bytes on GPU; on CPU the
 touched e·P, none at world 1; ZeRO-1/2 in backward, ZeRO-3 always), ZeRO-3's prefetch bucket 5e7
 elements, 1 GiB CUDA context + NCCL per GPU process (0.5 GiB interpreter per CPU process), and the
-weight sync: ZeRO-3 gathers the whole policy on every rank (+e·P) and rank 0 clones it (+e·P, plus
-the tied embedding) into 2 x 1 GiB NCCL broadcast buffers (CUDA + vLLM) or to host for the object
-store (CPU/HF), as `PPOLearner.full_state_dict` does today; checkpoint export gathers the same way.
+weight sync, streamed (`tlcr_ray.training.gather`): ZeRO-3 gathers one bucket of ppo.bucket_mib (or
+the largest parameter) at a time on every rank, min(e·P, bucket + e·V·h), which rank 0 packs into
+2 x 1 GiB NCCL broadcast buffers (CUDA + vLLM) or copies to host for the object store (CPU/HF: the
+store then holds e·P); checkpoints and HF exports stream the same way.
 vLLM takes vllm_memory_utilization x the GPU (weights/TP, ~2 GiB activations/graphs, KV cache the
 rest) or weights + vllm_kv_cache_gib + 2 GiB, and +2 GiB of NCCL receive buffers during a sync.
 A peak is the largest of the phases (train, step, evaluate, sync), each the sum of what is live then
@@ -49,6 +50,7 @@ import functools
 import math
 
 from tlcr_ray.config import ConfigError
+from tlcr_ray.plan_checkpoints import checkpoint_sizes, format_checkpoints
 from tlcr_ray.plan_models import ModelShape, gpu_bytes, host_memory, local_cuda_memory, model_shape
 
 GIB = 2**30
@@ -150,12 +152,15 @@ def plan_learner(cfg, m: ModelShape, checkpointing: bool = False) -> dict:
     act_critic = train_activations(m, micro, seq, e, 0, 0, checkpointing)
     act_eval = inference_activations(m, rows, seq, e) + rows * R * m.vocab * f
     base = (CUDA_CONTEXT if on_gpu else CPU_PROCESS) + _persistent(actor, z) + _persistent(critic, z)
-    # The sync: ZeRO-3 gathers the whole policy on every rank; rank 0 clones it (tied: the embedding twice).
-    gathered = e * m.params if z == 3 else 0
+    # The sync streams (tlcr_ray/training/gather.py): ZeRO-3 gathers one bucket (ppo.bucket_mib, or one
+    # larger parameter; a tied weight's second name regathers it) at a time on every rank.
+    largest_param = e * m.vocab * m.hidden
+    gathered = min(e * m.params, int(ppo.bucket_mib * 2**20) + largest_param) if z == 3 else 0
     clone = e * (m.params + (m.vocab * m.hidden if m.tied else 0))
     nccl = on_gpu and _backend(cfg) == "vllm"
-    # nccl: the clone and the broadcast buffers on the GPU; object store: the clone and its copy in the store on host.
-    sync_device = gathered + ((clone + SYNC_BUFFERS if nccl else 0) if on_gpu else 2 * clone)
+    # nccl: rank 0 packs the buckets into the broadcast buffers on the GPU; object store: each bucket is
+    # copied to host and put in the store (host: the store's copy of the whole policy, once).
+    sync_device = gathered + ((SYNC_BUFFERS if nccl else 0) if on_gpu else clone + gathered)
     phases = {"train": base + max(_train_extra(actor, z, act_actor), _train_extra(critic, z, act_critic)),
               "step": base + max(_step_extra(actor, z), _step_extra(critic, z)),
               "evaluate": base + actor["gathered"] + actor["prefetch"] + act_eval,
@@ -167,7 +172,7 @@ def plan_learner(cfg, m: ModelShape, checkpointing: bool = False) -> dict:
     return _result(math.ceil(n * res.num_gpus), "cuda" if on_gpu else "cpu", phases, states,
                    max(act_actor, act_critic, act_eval), 0, buffers, procs,
                    breakdown={"actor": actor, "critic": critic, "sync_gathered": gathered,
-                              "sync_clone_rank0": clone, "host_rank0_export": clone},
+                              "sync_object_store_host": 0 if nccl else clone},
                    inputs={"world": n, "micro_rows": micro, "eval_rows": rows, "seq": seq, "response": R,
                            "zero_stage": z, "dtype": cfg.model.dtype, "weight_sync": "nccl" if nccl else "object_store"})
 
@@ -258,7 +263,8 @@ def plan(cfg, gpu_memory_bytes: int, host_memory_bytes: int | None = None, group
             "fits": all(g["fits"] for g in out.values()) and cpu_ok, "cpu_ppo_total_bytes": cpu_ppo,
             "model": {"base": cfg.model.base, **dataclasses.asdict(m), "params": m.params,
                       "backbone_params": m.backbone_params},
-            "offload": "not configured", "groups": out}
+            "offload": "not configured", "groups": out, "checkpoints": checkpoint_sizes(cfg, m),
+            "ppo_runs": len(cfg.pipeline.ppo_modes)}
 
 
 def _with(cfg, changes: dict):
@@ -323,9 +329,8 @@ def suggest(cfg, name: str, m: ModelShape, gpu_memory: int, host_memory: int | N
             found.append("together: " + "; ".join(texts))
             break
     g = _group(cfg, name, m, gpu_memory, host_memory)
-    if g["peak_phase"] == "sync":  # ZeRO-3's whole-model gather and rank 0's clone (PPOLearner.full_state_dict)
-        rest = max(v for k, v in g["phases"].items() if k != "sync") / GIB
-        found.append(f"a per-parameter weight sync (not yet available): peak {rest:.1f} GiB")
+    if g["peak_phase"] == "sync" and name == "ppo.learner" and cfg.ppo.bucket_mib > 64:
+        found.append(f"ppo.bucket_mib {cfg.ppo.bucket_mib:g} → 64 (a smaller weight-sync bucket)")
     if name not in ("ppo.rollout", "ppo.reward", "ppo.reference"):
         ckpt = _group(cfg, name, m, gpu_memory, host_memory, ckpt=True)
         found.append(f"gradient checkpointing (not yet available): peak {ckpt['per_gpu']['peak'] / GIB:.1f} GiB"
@@ -357,6 +362,7 @@ def format_table(report: dict, config_name: str = "") -> str:
     for name, g in report["groups"].items():
         if g.get("knobs"):
             lines.append(f"\nto fit {name}: " + "; ".join(g["knobs"]))
+    lines += format_checkpoints(report["checkpoints"], report["ppo_runs"]) if "checkpoints" in report else []
     lines += ["", "GiB per GPU (cpu: per process); peak = the largest phase, not the columns' sum (tlcr_ray/plan.py). "
               + ("Everything fits." if report["fits"] else "It does NOT fit.")]
     return "\n".join(lines)
