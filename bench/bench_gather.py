@@ -9,6 +9,8 @@ fresh processes. Per rank: the RSS high-water rise over the export (VmHWM after 
 export as it was (every rank gathers everything, rank 0 clones it all); `streamed` is
 `PPOLearner.export_hf` with ppo.bucket_mib = each of --buckets. Goal: extra peak <= one bucket + the
 largest parameter (for the gathered bytes; the RSS rise also counts safetensors' per-shard buffer).
+`--floor-only` measures just gloo's own cost of all-gathering the largest parameter (its
+all_gather_into_tensor gathers into a list and copies: 2x the output, a CPU/gloo floor NCCL has not).
 """
 from __future__ import annotations
 
@@ -30,7 +32,14 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=640)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--buckets", default="64,16", help="bucket sizes in MiB, comma-separated")
+    parser.add_argument("--floor-only", action="store_true", help="only gloo's all-gather floor")
+    parser.add_argument("--floor-rank", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--floor-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.floor_rank is not None:
+        return _floor_rank(args)
+    if args.floor_only:
+        return _floor(args)
     from tlcr_ray.models import embedded_tokenizer_dir
     from tlcr_ray.testing.gather_ranks import launch
     from tlcr_ray.testing.tiny_model import build_tiny_llama
@@ -56,6 +65,45 @@ def main() -> None:
                    f"{whole_rss[0] / MIB:.0f} / {whole_rss[1] / MIB:.0f}); gathered at once {held / MIB:.0f} MiB; "
                    f"export {max(r['export_seconds'] for r in ranks):.1f} s; {shape}")
         record("gather", f"extra peak of one export, {name}", f"{max(rss) / MIB:.0f} MiB", goal, details)
+
+
+def _floor_rank(args) -> None:
+    """One rank: all-gather a tensor the size of the embedding (vocab x hidden fp32) over gloo."""
+    import json
+
+    import torch
+    import torch.distributed as dist
+
+    from tlcr_ray.testing.gather_ranks import _status_kib, reset_high_water
+
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    dist.init_process_group("gloo", init_method=f"file://{args.floor_dir}/rdzv", rank=args.floor_rank, world_size=2)
+    n = 49152 * args.hidden
+    part = torch.randn(n // 2)
+    dist.barrier()
+    reset_high_water()
+    before = _status_kib("VmRSS")
+    out = torch.empty(n)
+    dist.all_gather_into_tensor(out, part)
+    Path(args.floor_dir, f"r{args.floor_rank}.json").write_text(json.dumps(
+        {"rise": (_status_kib("VmHWM") - before) * 1024, "output": out.numel() * 4}))
+
+
+def _floor(args) -> None:
+    import json
+    import subprocess
+
+    with tempfile.TemporaryDirectory(prefix="bench-gather-floor-") as tmp:
+        procs = [subprocess.Popen([sys.executable, __file__, "--hidden", str(args.hidden), "--floor-rank", str(r),
+                                   "--floor-dir", tmp], env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+                 for r in range(2)]
+        if any(p.wait(timeout=600) for p in procs):
+            raise RuntimeError("floor ranks failed")
+        got = [json.loads(Path(tmp, f"r{r}.json").read_text()) for r in range(2)]
+    rise = max(g["rise"] for g in got)
+    record("gather", "gloo all_gather_into_tensor RSS rise / its output", f"{rise / got[0]['output']:.2f}x", "",
+           f"output {got[0]['output'] / MIB:.0f} MiB (the embedding of the bench's model), rise {rise / MIB:.0f} MiB; "
+           "2 gloo ranks, MALLOC_MMAP_THRESHOLD_=65536: gloo's own floor under the streamed export's RSS figure")
 
 
 if __name__ == "__main__":
