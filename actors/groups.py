@@ -4,9 +4,10 @@ recreated and the run resumes from its last checkpoint)."""
 from __future__ import annotations
 
 import os
+import time
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.learner import LearnerGroup
@@ -100,6 +101,11 @@ class ActorGroups:
                 ray.kill(actor, no_restart=True)
         for pg in self.pgs.values():
             remove_placement_group(pg)
+        # Removal is asynchronous: a next run in this driver creates PGs of the same names.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(
+                placement_group_table(pg).get("state") not in ("REMOVED", None) for pg in self.pgs.values()):
+            time.sleep(0.2)
 
 
 def get_all(refs: list) -> list:
