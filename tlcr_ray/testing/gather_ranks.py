@@ -125,7 +125,7 @@ def run_rank(args) -> None:
 
 
 def launch(model: str, out: str | Path, variant: str, bucket_mib: float, world: int = 2,
-           timeout: float = 900) -> list[dict]:
+           timeout: float = 2400) -> list[dict]:
     """Run the ranks as fresh processes (so each RSS high-water mark is this export's); -> their results."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -134,7 +134,12 @@ def launch(model: str, out: str | Path, variant: str, bucket_mib: float, world: 
     procs = [subprocess.Popen([sys.executable, "-m", "tlcr_ray.testing.gather_ranks", "--rank", str(r),
                                "--world", str(world), "--model", model, "--out", str(out), "--variant", variant,
                                "--bucket-mib", str(bucket_mib), "--init", init], env=env) for r in range(world)]
-    codes = [p.wait(timeout=timeout) for p in procs]
+    try:
+        codes = [p.wait(timeout=timeout) for p in procs]
+    finally:  # a rank that timed out (or a peer that died) must not outlive the call
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     if any(codes):
         raise RuntimeError(f"gather ranks exited with {codes}")
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
