@@ -93,7 +93,8 @@ def knobs(cfg, group: str) -> list[str]:
             value = cfg
             for part in field.split("."):
                 value = getattr(value, part)
-            out.append(f"{knob} (now {value})")
+            note = knob[len(field):].strip().strip("()")
+            out.append(f"{field} (now {value}{'; ' + note if note else ''})")
     return out
 
 
