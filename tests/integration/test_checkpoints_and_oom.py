@@ -74,7 +74,7 @@ def test_supervised_oom_message_checkpoint_resume_and_resume_state(tmp_path, ray
         run_sft(load_config("configs/tiny.yaml", sets))
     message = str(caught.value)
     assert message.startswith("sft ran out of memory: ") and "can't allocate memory" in message
-    assert "tlcr plan estimates" in message and "sft.micro_batch_size (now 4)" in message
+    assert "tlcr plan estimates" in message and "sft.micro_batch_size (now 4; raise sft.grad_accum" in message
     ckpts = sorted(p for p in (stage / "ray").rglob("step_*") if p.is_dir())
     assert [p.name for p in ckpts] == ["step_000002"] and str(ckpts[0]) in message
     assert _export_step(stage / "export") == 2 and not (stage / "model").exists()
