@@ -24,18 +24,19 @@ from actors.phases import PhaseHooks
 from tlcr_ray.config import Config, ConfigError
 from tlcr_ray.data.pairs import load_split, rl_prompt_pools
 from tlcr_ray.data.tokens import encode_prompts
-from tlcr_ray.io import atomic_folder, read_json, write_json_atomic
+from tlcr_ray.io import read_json, write_json_atomic
 from tlcr_ray.layout import RunLayout
 from tlcr_ray.local_ray import ensure_ray
 from tlcr_ray.models import load_tokenizer, resolve_model, vocabulary_mismatch
 from tlcr_ray.placement import ppo_placement
+from tlcr_ray.oom import OutOfMemory, find_oom, oom_message
 from tlcr_ray.plan import require_fit
 from tlcr_ray.rl.batch import RolloutBatch, merge_batches, split_rows
 from tlcr_ray.rl.loop_state import initial_state, response_mask, sample_prompts, saved_state, step_metrics, sync_check
 from tlcr_ray.rl.ppo_math import KL_ESTIMATORS, advantages_from_rollout, remax_advantages
 from tlcr_ray.rl.rewards import MODES, apply_missing_eos_penalty
 from tlcr_ray.rl.rollout import resolve_backend
-from tlcr_ray.tracking import CheckpointDir, MetricsLog
+from tlcr_ray.tracking import CheckpointDir, MetricsLog, read_step_rows
 
 ACTOR_LOST = (RayActorError,)  # ActorDiedError and ActorUnavailableError are subclasses
 
@@ -44,9 +45,10 @@ class PPOLoop:
     """One attempt of the PPO loop over live actor groups; raises on a lost actor (`run` recovers)."""
 
     def __init__(self, cfg: Config, groups: ActorGroups, prompts: list[list[int]], pad_id: int,
-                 ckpts: CheckpointDir, metrics: MetricsLog):
+                 ckpts: CheckpointDir, metrics: MetricsLog, export_dir: Path | None = None):
+        """`export_dir`: where ppo.export_every writes the policy (replaced each time)."""
         self.cfg, self.ppo, self.groups, self.prompts, self.pad_id = cfg, cfg.ppo, groups, prompts, pad_id
-        self.ckpts, self.metrics = ckpts, metrics
+        self.ckpts, self.metrics, self.export_dir = ckpts, metrics, export_dir
         self.synced = False
         self.hooks = PhaseHooks.for_groups(groups, metrics)  # ppo.colocate all's sleep/offload; else no-ops
 
@@ -158,8 +160,9 @@ class PPOLoop:
     def sync_weights(self, batch: RolloutBatch, check: bool) -> dict:
         """Updated learner weights -> every rollout engine.
 
-        object_store: rank 0's CPU state dict, one object put once by the return, loaded by each engine.
-        nccl: rank 0 broadcasts from GPU while each vLLM engine receives (issued together).
+        object_store: rank 0 puts the weights in the store one bucket (ppo.bucket_mib) at a time as
+        ZeRO-3 gathers them; each engine loads them bucket by bucket.
+        nccl: rank 0 broadcasts from GPU, bucket by bucket, while each vLLM engine receives (issued together).
         With `check` (ppo.sync_check, on the first sync and every ppo.sync_check_every steps: three
         extra forwards) the batch's first sequence is scored on rollout 0 before and after the load and
         on the learner: `sync_logprob_err` (rollout vs learner, ~0 when the sync worked) and
@@ -174,9 +177,11 @@ class PPOLoop:
             loads = [r.receive_weights.remote(g.weight_update_info) for r in g.rollouts]
             compute = max(get_all(loads + sends)[:len(loads)])
         else:
-            state_refs = g.learners.full_state_dict()  # collective under ZeRO-3
-            loads = [r.load_state_dict.remote(state_refs[0]) for r in g.rollouts]
-            compute = max(get_all(loads + state_refs[1:])[:len(loads)])
+            # Rank 0 puts each gathered bucket in the store as it goes (collective under ZeRO-3); each
+            # engine then fetches and loads them one at a time.
+            bucket_refs = get_all(g.learners.state_bucket_refs())[0]
+            loads = [r.load_weight_buckets.remote(bucket_refs) for r in g.rollouts]
+            compute = max(get_all(loads))
         out = {"seconds": time.perf_counter() - start, "time_sync_load": compute}
         if check:
             learner_lp = get_all(g.learners.score(*probe, self.pad_id))[0][0]
@@ -186,7 +191,7 @@ class PPOLoop:
 
     def checkpoint(self, state: dict) -> Path:
         with self.ckpts.writing(state["step"]) as tmp:
-            get_all(self.groups.learners.save_checkpoint(str(tmp)))
+            get_all(self.groups.learners.save_checkpoint(str(tmp), state["step"]))
             write_json_atomic(tmp / "controller.json", saved_state(state, RunLayout.ppo_run_name(self.cfg)))
         return self.ckpts.latest()
 
@@ -199,9 +204,16 @@ class PPOLoop:
                 state["step"] += 1
                 # Metrics first: a crash before the checkpoint completes rolls both back together.
                 self.metrics.write(state["step"], row)
-                if state["step"] % self.ppo.checkpoint_every == 0 or state["step"] == self.ppo.steps:
+                # The last step's resumable state would be deleted at once unless ppo.keep_resume_state:
+                # the final export (tlcr_export.json "final") is what marks the run done.
+                last = state["step"] == self.ppo.steps
+                if state["step"] % self.ppo.checkpoint_every == 0 or (last and self.ppo.keep_resume_state):
                     with self.hooks.learner_resident():
                         self.checkpoint(state)
+                every = self.ppo.export_every
+                if every and self.export_dir and state["step"] % every == 0 and state["step"] < self.ppo.steps:
+                    with self.hooks.learner_resident():
+                        get_all(self.groups.learners.export_hf(str(self.export_dir), state["step"]))
                 bar.update(1)
                 bar.set_postfix(reward=f"{row['reward_token_mean']:.3f}", kl=f"{row['kl']:.3f}",
                                 s=f"{row['time_step']:.1f}")
@@ -256,6 +268,13 @@ def run(cfg: Config, args=None) -> dict:
     # The report's held-out prompts (pipeline.eval_prompts) are carved out: PPO never trains on them.
     pairs, _ = rl_prompt_pools(rl_pairs, cfg.pipeline.eval_prompts)
     prompts = encode_prompts(tokenizer, [p.prompt for p in pairs], cfg.model.max_prompt_len)
+    finished = finished_export(paths.model, cfg.ppo.steps)
+    # A finished run whose resumable state was deleted at its end (ppo.keep_resume_state false).
+    if finished and ckpts.latest() is None and cfg.ppo.resume == "auto":
+        print(f"ppo: {paths.model} is the finished run's policy (step {finished['step']}); nothing to do "
+              "(delete it, or set ppo.resume=never, to train again)", flush=True)
+        rows = read_step_rows(paths.metrics) if paths.metrics.exists() else []
+        return _summary(cfg, paths, rows, finished["step"], 0, 0.0)
     ensure_ray()
     failures, started = 0, time.perf_counter()
     while True:
@@ -267,11 +286,16 @@ def run(cfg: Config, args=None) -> dict:
             groups = ActorGroups(cfg, policy_dir, str(ckpt / "hf") if ckpt else policy_dir, reward_dir, failures)
             if ckpt is not None:
                 get_all(groups.learners.load_checkpoint(str(ckpt)))
-            PPOLoop(cfg, groups, prompts, tokenizer.pad_token_id, ckpts, metrics).run(state)
-            with atomic_folder(paths.model) as tmp:
-                get_all(groups.learners.export_hf(str(tmp)))
+            PPOLoop(cfg, groups, prompts, tokenizer.pad_token_id, ckpts, metrics, paths.export).run(state)
+            get_all(groups.learners.export_hf(str(paths.model), state["step"], True))  # atomic, streamed
             break
-        except ACTOR_LOST as exc:
+        except Exception as exc:
+            if find_oom(exc) is not None:  # recreating the groups would only run out again: stop, say why
+                group = group_of(exc)
+                raise OutOfMemory(oom_message(cfg, group, exc, str(ckpts.latest() or "") or None,
+                                              during=f"step {state['step'] + 1}"), group) from exc
+            if not isinstance(exc, ACTOR_LOST):
+                raise
             failures += 1
             if failures > cfg.ppo.max_failures:
                 raise RuntimeError(f"ppo: {failures} actor losses exceed ppo.max_failures={cfg.ppo.max_failures}") from exc
@@ -281,8 +305,41 @@ def run(cfg: Config, args=None) -> dict:
             metrics.close()
             if groups is not None:
                 groups.shutdown()
-    rows = metrics.rows()
+    shutil.rmtree(paths.export, ignore_errors=True)  # superseded by the final model
+    if not cfg.ppo.keep_resume_state:  # optimizer states: ~3x the policy per engine; the run is done
+        shutil.rmtree(ckpts.root, ignore_errors=True)
+    return _summary(cfg, paths, metrics.rows(), state["step"], failures, time.perf_counter() - started)
+
+
+ACTOR_GROUPS = {"LearnerWorker": "ppo.learner", "Rollout": "ppo.rollout", "Reference": "ppo.reference",
+                "RewardScorer": "ppo.reward"}
+"""Actor class -> the config group it is (`tlcr plan`'s names)."""
+
+
+def group_of(exc: BaseException) -> str:
+    """The PPO group whose actor raised `exc` (a RayTaskError names the actor's class); "ppo" if none does."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = f"{getattr(exc, 'function_name', '') or ''} {getattr(exc, 'actor_repr', '') or ''} {exc}"
+        for cls, group in ACTOR_GROUPS.items():
+            if f"{cls}." in text or f"{cls}(" in text:
+                return group
+        exc = getattr(exc, "cause", None) or exc.__cause__
+    return "ppo"
+
+
+def finished_export(model_dir: Path, steps: int) -> dict | None:
+    """The final export's tlcr_export.json when `model_dir` holds a finished run of `steps` steps."""
+    from tlcr_ray.training.gather import read_export_info
+
+    info = read_export_info(model_dir) if model_dir.exists() else None
+    return info if info and info.get("final") and info.get("step") == steps else None
+
+
+def _summary(cfg: Config, paths, rows: list[dict], steps: int, failures: int, seconds: float) -> dict:
     last = rows[-1] if rows else {}
-    return {"stage": "ppo", "mode": cfg.reward.mode, "steps": state["step"], "failures_recovered": failures,
-            "run_dir": str(run_dir), "model": str(paths.model), "wall_s": round(time.perf_counter() - started, 1),
+    return {"stage": "ppo", "mode": cfg.reward.mode, "steps": steps, "failures_recovered": failures,
+            "run_dir": str(paths.dir), "model": str(paths.model), "wall_s": round(seconds, 1),
+            "resume_state": str(paths.checkpoints) if cfg.ppo.keep_resume_state else "deleted",
             "final": {k: last.get(k) for k in ("reward_token_mean", "kl", "response_len", "time_step")}}

@@ -5,8 +5,10 @@ means the whole set is recreated and the run resumes from its last checkpoint)."
 from __future__ import annotations
 
 import os
+import time
 
 import ray
+from ray.util.placement_group import placement_group_table
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.learner import LearnerGroup
@@ -17,6 +19,7 @@ from actors.rollout import Rollout
 from tlcr_ray.config import Config
 from tlcr_ray.placement import ActorSlot, ppo_placement
 from tlcr_ray.rl.rollout import resolve_backend
+from tlcr_ray.oom import TEST_OOM_ENV
 from tlcr_ray.rl.weight_sync import weight_sync_method
 
 
@@ -54,6 +57,8 @@ class ActorGroups:
         env_vars = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
         if ppo.threads_per_actor:  # Ray keeps an OMP_NUM_THREADS that is already set
             env_vars["OMP_NUM_THREADS"] = str(ppo.threads_per_actor)
+        if TEST_OOM_ENV in os.environ:  # the OOM tests' hook (tlcr_ray.oom) reaches the actors this way
+            env_vars[TEST_OOM_ENV] = os.environ[TEST_OOM_ENV]
         runtime_env = {"env_vars": env_vars}  # merged into the job's runtime env
 
         def opts(slot: ActorSlot) -> dict:
@@ -114,6 +119,11 @@ class ActorGroups:
             for actor in group:
                 ray.kill(actor, no_restart=True)
         remove_all(self.pgs)
+        # Removal is asynchronous: a next run in this driver creates PGs of the same names.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(
+                placement_group_table(pg).get("state") not in ("REMOVED", None) for pg in self.pgs.values()):
+            time.sleep(0.2)
 
 
 def get_all(refs: list) -> list:

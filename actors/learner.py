@@ -15,6 +15,7 @@ import ray
 import torch
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from tlcr_ray.oom import maybe_inject_oom
 from tlcr_ray.rl.batch import RolloutBatch
 from tlcr_ray.rl.colocate import offload_learner, reload_learner
 from tlcr_ray.rl.learner import PPOLearner
@@ -27,6 +28,7 @@ class LearnerWorker:
 
     def __init__(self):
         self.learner: PPOLearner | None = None
+        self.train_calls = 0
 
     def pid(self) -> int:
         return os.getpid()
@@ -47,10 +49,18 @@ class LearnerWorker:
 
     def train(self, batch: RolloutBatch, pad_id: int, advantages: torch.Tensor, returns: torch.Tensor,
               old_logprobs: torch.Tensor, old_values: torch.Tensor) -> dict:
+        self.train_calls += 1
+        maybe_inject_oom("ppo.learner", self.train_calls)  # TLCR_TEST_OOM, a test hook (tlcr_ray.oom)
         return self.learner.train(batch, pad_id, advantages, returns, old_logprobs, old_values)
 
     def full_state_dict(self) -> dict | None:
         return self.learner.full_state_dict()
+
+    def state_bucket_refs(self) -> list | None:
+        """Rank 0: one object ref per bucket of the policy's weights, each put as soon as it is gathered
+        (this process never holds more than one bucket); None on the other ranks (collective under ZeRO-3)."""
+        refs = [ray.put(bucket) for bucket in self.learner.state_buckets() if bucket is not None]
+        return refs if self.learner.rank == 0 else None
 
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> list[list[float]]:
         return self.learner.score(prompt_ids, response_ids, pad_id)
@@ -64,8 +74,8 @@ class LearnerWorker:
     def send_weights(self) -> float:
         return self.learner.send_weights()
 
-    def save_checkpoint(self, folder: str) -> None:
-        self.learner.save_checkpoint(folder)
+    def save_checkpoint(self, folder: str, step: int | None = None) -> None:
+        self.learner.save_checkpoint(folder, step)
 
     def offload_states(self) -> dict:
         return offload_learner(self.learner)
@@ -76,8 +86,8 @@ class LearnerWorker:
     def load_checkpoint(self, folder: str) -> None:
         self.learner.load_checkpoint(folder)
 
-    def export_hf(self, path: str) -> None:
-        self.learner.export_hf(path)
+    def export_hf(self, path: str, step: int | None = None, final: bool = False) -> None:
+        self.learner.export_hf(path, step=step, final=final)
 
 
 class LearnerGroup:
@@ -114,8 +124,12 @@ class LearnerGroup:
                 for w in self.workers]
 
     def full_state_dict(self) -> list:
-        """Rank 0's ref holds the CPU state dict; the others None (collective under ZeRO-3)."""
+        """Rank 0's ref holds the whole CPU state dict; the others None (collective under ZeRO-3)."""
         return [w.full_state_dict.remote() for w in self.workers]
+
+    def state_bucket_refs(self) -> list:
+        """Rank 0's ref holds a list of per-bucket object refs; the others None (collective under ZeRO-3)."""
+        return [w.state_bucket_refs.remote() for w in self.workers]
 
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> list:
         return [w.score.remote(prompt_ids, response_ids, pad_id) for w in self.workers]
@@ -129,8 +143,8 @@ class LearnerGroup:
     def send_weights(self) -> list:
         return [w.send_weights.remote() for w in self.workers]
 
-    def save_checkpoint(self, folder: str) -> list:
-        return [w.save_checkpoint.remote(folder) for w in self.workers]
+    def save_checkpoint(self, folder: str, step: int | None = None) -> list:
+        return [w.save_checkpoint.remote(folder, step) for w in self.workers]
 
     def offload_states(self) -> list:
         """ppo.colocate all: optimizer states to host while the rollout engines generate (`tlcr_ray.rl.colocate`)."""
@@ -142,8 +156,9 @@ class LearnerGroup:
     def load_checkpoint(self, folder: str) -> list:
         return [w.load_checkpoint.remote(folder) for w in self.workers]
 
-    def export_hf(self, path: str) -> list:
-        return [w.export_hf.remote(path) for w in self.workers]
+    def export_hf(self, path: str, step: int | None = None, final: bool = False) -> list:
+        """The policy as an HF folder in ppo.export_dtype (`tlcr_export.json`: step, final)."""
+        return [w.export_hf.remote(path, step, final) for w in self.workers]
 
     def pids(self) -> list[int]:
         return ray.get([w.pid.remote() for w in self.workers])

@@ -31,6 +31,13 @@ class Rollout(ActorBase):
         self.engine.load_state_dict(state_dict)
         return time.perf_counter() - start
 
+    def load_weight_buckets(self, bucket_refs: list) -> float:
+        """The learner's weights as object refs, one per bucket (`LearnerWorker.state_bucket_refs`),
+        fetched one at a time as the engine loads them."""
+        start = time.perf_counter()
+        self.engine.load_weight_stream(ray.get(ref) for ref in bucket_refs)
+        return time.perf_counter() - start
+
     # CUDA + vLLM only: the NCCL broadcast from learner rank 0 (see tlcr_ray.rl.rollout.vllm_engine).
     def init_weight_sync(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
         self.engine.init_weight_sync(master_address, master_port, rank_offset, world_size)

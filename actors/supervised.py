@@ -14,6 +14,7 @@ restores its latest checkpoint and continues from that step.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -26,13 +27,15 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from tqdm import tqdm
 
 from tlcr_ray.config import TrainConfig
-from tlcr_ray.io import iter_jsonl, write_json_atomic
+from tlcr_ray.io import iter_jsonl, read_json, write_json_atomic
 from tlcr_ray.layout import RunLayout
 from tlcr_ray.local_ray import ensure_ray
 from tlcr_ray.models import load_tokenizer, resolve_model
+from tlcr_ray.oom import TEST_OOM_ENV, OutOfMemory, find_oom, oom_message
 from tlcr_ray.plan import require_fit
 from tlcr_ray.training.batching import total_steps
 from tlcr_ray.training.examples import stage_examples, stage_init
+from tlcr_ray.training.gather import read_export_info
 from tlcr_ray.training.loop import FAIL_AT_STEP_ENV, LoopSpec, run_rank
 
 CHECKPOINT_TAG = "ds"
@@ -81,9 +84,15 @@ def train_stage(cfg, stage: str) -> dict:
     train, heldout, data_stats = stage_examples(cfg, stage, tokenizer)
     steps = total_steps(len(train), train_cfg, train_cfg.num_workers)
     stage_dir.mkdir(parents=True, exist_ok=True)
+    done = read_export_info(paths.model) if paths.model.exists() else None
+    if done and done.get("final") and done.get("step") == steps and not paths.ray_storage.exists() \
+            and paths.summary.exists():  # finished, its resumable state deleted (keep_resume_state false)
+        print(f"{stage}: {paths.model} is the finished stage's model (step {steps}); nothing to do "
+              "(delete it to train again)", file=sys.stderr)
+        return read_json(paths.summary)
 
     ensure_ray()
-    env = {k: os.environ[k] for k in ("TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE") if k in os.environ}
+    env = {k: os.environ[k] for k in ("TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", TEST_OOM_ENV) if k in os.environ}
     spec = LoopSpec(stage=stage, train_cfg=train_cfg, init=init, tokenizer=tokenizer_path, train=train,
                     heldout=heldout, total_steps=steps, stage_dir=str(stage_dir),
                     fail_at_step=int(os.environ.get(FAIL_AT_STEP_ENV, 0)),
@@ -103,8 +112,13 @@ def train_stage(cfg, stage: str) -> dict:
                              failure_config=FailureConfig(max_failures=train_cfg.max_failures)),
     )
     started = time.time()
-    with _ProgressFromMetrics(paths.metrics, steps, desc=stage) as progress:
-        result = trainer.fit()
+    try:
+        with _ProgressFromMetrics(paths.metrics, steps, desc=stage) as progress:
+            result = trainer.fit()
+    except Exception as exc:
+        if find_oom(exc) is None:
+            raise
+        raise OutOfMemory(oom_message(cfg, stage, exc, latest_checkpoint(paths.ray_storage)), stage) from exc
     metrics = dict(result.metrics or {})
     summary = {
         "stage": stage, "model": str(paths.model.resolve()), "init_from": init, "steps": steps,
@@ -115,6 +129,11 @@ def train_stage(cfg, stage: str) -> dict:
         "resumed_from": progress.resumed_from,
         **{k: metrics[k] for k in ("loss", "accuracy", "eval_loss", "eval_accuracy") if k in metrics},
     }
+    shutil.rmtree(paths.export, ignore_errors=True)  # superseded by the final model
+    if not train_cfg.keep_resume_state:  # DeepSpeed weights + optimizer states: the stage is done
+        shutil.rmtree(paths.ray_storage, ignore_errors=True)
+        summary["checkpoint"] = None
+    summary["resume_state"] = str(paths.ray_storage) if train_cfg.keep_resume_state else "deleted"
     write_json_atomic(paths.summary, summary)
     return summary
 
@@ -124,6 +143,12 @@ def _worker_strategy(stage: str, train_cfg) -> str:
     from actors.placement import node_resources
 
     return supervised_layout(stage, train_cfg, node_resources()).groups[0].strategy
+
+
+def latest_checkpoint(storage: Path) -> str | None:
+    """The newest Ray Train checkpoint folder (step_NNNNNN) under the stage's storage, if any."""
+    found = sorted((p for p in storage.rglob("step_*") if p.is_dir()), key=lambda p: p.name) if storage.exists() else []
+    return str(found[-1]) if found else None
 
 
 class _ProgressFromMetrics:

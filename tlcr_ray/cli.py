@@ -29,6 +29,8 @@ from typing import Callable
 
 from tlcr_ray.choices import GPUS
 from tlcr_ray.config import Config, ConfigError, load_config
+from tlcr_ray.oom import EXIT_CODE as OOM_EXIT_CODE
+from tlcr_ray.oom import OutOfMemory
 from tlcr_ray.data.pairs import DataError
 from tlcr_ray.eval.score_file import add_arguments as add_score_arguments
 from tlcr_ray.local_ray import set_process_defaults, stop_on_signals
@@ -156,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, FileNotFoundError) as exc:
         print(f"tlcr: {exc}", file=sys.stderr)
         return 2
+    except OutOfMemory as exc:  # one message: the group, the plan's estimate, the knobs (tlcr_ray/oom.py)
+        print(f"tlcr: {exc}", file=sys.stderr)
+        return OOM_EXIT_CODE
     except KeyboardInterrupt as exc:
         print("tlcr: interrupted; finished work is kept and a rerun resumes", file=sys.stderr)
         return 128 + getattr(exc, "signum", signal.SIGINT)  # 130 for SIGINT, 143 for SIGTERM

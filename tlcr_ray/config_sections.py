@@ -13,6 +13,7 @@ from tlcr_ray.choices import (
     CRITIC_INITS,
     DTYPE_ALIASES,
     DTYPES,
+    EXPORT_DTYPES,
     KL_ESTIMATORS,
     LR_SCHEDULES,
     METHODS,
@@ -140,9 +141,23 @@ class TrainConfig:
     """Ray Train data-parallel workers."""
     use_gpu: bool = False
     cpus_per_worker: int = 1
-    checkpoint_every: int = 50
-    """Optimizer steps between Ray Train checkpoints."""
-    keep_checkpoints: int = 2
+    checkpoint_every: int = bounded(50, ge=1)
+    """Optimizer steps between Ray Train checkpoints (the resumable DeepSpeed state: weights, optimizer,
+    schedule); the last step always writes one."""
+    keep_checkpoints: int = bounded(2, ge=1)
+    """Ray Train checkpoints kept (the newest); older ones are deleted as new ones land."""
+    export_every: int = bounded(0, ge=0)
+    """Optimizer steps between HF exports of the model into `<stage>/model` (replaced each time, with
+    `tlcr_export.json` naming the step); 0: only the final one."""
+    keep_resume_state: bool = False
+    """Keep the resumable DeepSpeed state (`<stage>/ray`, ~8 bytes of optimizer state per parameter)
+    after the stage finishes; false deletes it once the final model is written (a rerun of a finished
+    stage then only reports it)."""
+    export_dtype: str = choice("auto", EXPORT_DTYPES, DTYPE_ALIASES)
+    """Dtype of the exported HF folder: auto (as trained) or float32/bfloat16/float16 (bfloat16 halves
+    an fp32 folder; later stages load it into their own dtype)."""
+    bucket_mib: float = bounded(256.0, gt=0.0)
+    """ZeRO-3 export: MiB gathered at a time (one bucket; a larger single tensor is its own bucket)."""
     eval_fraction: float = 0.1
     """Held-out share of the stage's pairs for evaluation."""
     seed: int = 0
@@ -301,8 +316,23 @@ class PPOConfig:
     entropy_coef: float = 0.0
     """Entropy bonus in the policy loss (the paper uses none)."""
     whiten_advantages: bool = True
-    checkpoint_every: int = 5
-    keep_checkpoints: int = 2
+    checkpoint_every: int = bounded(5, ge=1)
+    """Steps between resumable checkpoints (`checkpoints/step-N`: both engines' DeepSpeed state, the
+    policy's HF folder the rollout engines restart from, the loop state); the last step always writes one."""
+    keep_checkpoints: int = bounded(2, ge=1)
+    """Resumable checkpoints kept (the newest)."""
+    export_every: int = bounded(0, ge=0)
+    """Steps between HF exports of the policy into `<run>/model` (replaced each time, in ppo.export_dtype,
+    with `tlcr_export.json` naming the step); 0: only the final one."""
+    keep_resume_state: bool = False
+    """Keep `checkpoints/` after the run finishes; false deletes it once the final model is written (a
+    rerun of a finished run then only reports it)."""
+    export_dtype: str = choice("auto", EXPORT_DTYPES, DTYPE_ALIASES)
+    """Dtype of the final policy folder `<run>/model` (and the export_every ones): auto (model.dtype) or
+    float32/bfloat16/float16. Checkpoints always store the training dtype (a resume must be exact)."""
+    bucket_mib: float = bounded(256.0, gt=0.0)
+    """Weight sync, export and checkpoint under ZeRO-3 gather at most this many MiB at a time (plus one
+    parameter larger than that); each bucket is written, broadcast or put in the object store, then freed."""
     sync_check: bool = True
     """After a weight sync, compare the rollout's log-probs of one sequence with the learner's (logged as
     sync_logprob_err / sync_logprob_change; three extra forwards)."""

@@ -39,6 +39,8 @@ class StagePaths(NamedTuple):
     metrics: Path
     summary: Path
     eval: Path
+    export: Path
+    """The latest `export_every` HF export (removed once `model` is final)."""
 
 
 class PPOPaths(NamedTuple):
@@ -46,6 +48,8 @@ class PPOPaths(NamedTuple):
     model: Path
     checkpoints: Path
     metrics: Path
+    export: Path
+    """The latest ppo.export_every HF export (removed once `model` is final)."""
 
 
 class BenchPaths(NamedTuple):
@@ -90,7 +94,7 @@ class RunLayout:
         if stage not in SUPERVISED_STAGES:
             raise ValueError(f"unknown supervised stage {stage!r}; expected one of {', '.join(SUPERVISED_STAGES)}")
         d = self.root / stage
-        return StagePaths(d, d / "model", d / "ray", d / "metrics.jsonl", d / "summary.json", d / "eval.json")
+        return StagePaths(d, d / "model", d / "ray", d / "metrics.jsonl", d / "summary.json", d / "eval.json", d / "export")
 
     @staticmethod
     def ppo_run_name(cfg) -> str:
@@ -99,7 +103,7 @@ class RunLayout:
 
     def ppo(self, mode: str) -> PPOPaths:
         d = self.root / f"ppo-{mode}"
-        return PPOPaths(d, d / "model", d / "checkpoints", d / "metrics.jsonl")
+        return PPOPaths(d, d / "model", d / "checkpoints", d / "metrics.jsonl", d / "export")
 
     def ppo_runs(self) -> dict[str, Path]:
         """{mode: metrics.jsonl} of every PPO run in the folder."""

@@ -38,9 +38,10 @@ s² scores; derived from what autograd saves, cf. Korthikanti et al. 2022's 34sb
 Buffers: DeepSpeed's gradient bucket, reduce_bucket_size 5e8 elements (e·5e8 bytes on GPU; on CPU the
 touched e·P, none at world 1; ZeRO-1/2 in backward, ZeRO-3 always), ZeRO-3's prefetch bucket 5e7
 elements, 1 GiB CUDA context + NCCL per GPU process (0.5 GiB interpreter per CPU process), and the
-weight sync: ZeRO-3 gathers the whole policy on every rank (+e·P) and rank 0 clones it (+e·P, plus
-the tied embedding) into 2 x 1 GiB NCCL broadcast buffers (CUDA + vLLM) or to host for the object
-store (CPU/HF), as `PPOLearner.full_state_dict` does today; checkpoint export gathers the same way.
+weight sync, streamed (`tlcr_ray.training.gather`): ZeRO-3 gathers one bucket of ppo.bucket_mib (or
+the largest parameter) at a time on every rank, min(e·P, bucket + e·V·h), which rank 0 packs into
+2 x 1 GiB NCCL broadcast buffers (CUDA + vLLM) or copies to host for the object store (CPU/HF: the
+store then holds e·P); checkpoints and HF exports stream the same way.
 vLLM takes vllm_memory_utilization x the GPU (weights/TP, ~2 GiB activations/graphs, KV cache the
 rest) or weights + vllm_kv_cache_gib + 2 GiB, and +2 GiB of NCCL receive buffers during a sync.
 A peak is the largest of the phases (train, step, evaluate, sync), each the sum of what is live then
@@ -57,6 +58,8 @@ import math
 
 from tlcr_ray.config import ConfigError
 from tlcr_ray.layout import POLICY_STAGES
+from tlcr_ray.methods import METHODS
+from tlcr_ray.plan_checkpoints import checkpoint_sizes, format_checkpoints
 from tlcr_ray.plan_models import ModelShape, gpu_bytes, host_memory, local_cuda_memory, model_shape
 
 GIB = 2**30
@@ -183,13 +186,16 @@ def plan_learner(cfg, m: ModelShape, checkpointing: bool = False) -> dict:
     ref_weights = 0 if not full else (e * m.params // n if z == 3 else e * m.params)
     ref_idle = 0 if ppo.offload_reference else ref_weights
     base = (CUDA_CONTEXT if on_gpu else CPU_PROCESS) + _persistent(actor, z) + _persistent(critic, z) + ref_idle
-    # The sync: ZeRO-3 gathers the whole policy on every rank; rank 0 clones it (tied: the embedding twice).
-    gathered = e * m.params if z == 3 else 0
+    # The sync streams (tlcr_ray/training/gather.py): ZeRO-3 gathers one bucket (ppo.bucket_mib, or one
+    # larger parameter; a tied weight's second name regathers it) at a time on every rank.
+    largest_param = e * m.vocab * m.hidden
+    gathered = min(e * m.params, int(ppo.bucket_mib * 2**20) + largest_param) if z == 3 else 0
     clone = e * (m.params + (m.vocab * m.hidden if m.tied else 0))
     # Colocated engines cannot join an NCCL group with a rank on their own GPU: the object store carries the sync.
     nccl = on_gpu and _backend(cfg) == "vllm" and getattr(ppo, "colocate", "none") == "none"
-    # nccl: the clone and the broadcast buffers on the GPU; object store: the clone and its copy in the store on host.
-    sync_device = gathered + ((clone + SYNC_BUFFERS if nccl else 0) if on_gpu else 2 * clone)
+    # nccl: rank 0 packs the buckets into the broadcast buffers on the GPU; object store: each bucket is
+    # copied to host and put in the store (host: the store's copy of the whole policy, once).
+    sync_device = gathered + ((SYNC_BUFFERS if nccl else 0) if on_gpu else clone + gathered)
     phases = {"train": base + max(_train_extra(actor, z, act_actor), _train_extra(critic, z, act_critic)),
               "step": base + max(_step_extra(actor, z), _step_extra(critic, z)),
               "evaluate": base + actor["gathered"] + actor["prefetch"] + act_eval + (ref_weights - ref_idle),
@@ -201,7 +207,7 @@ def plan_learner(cfg, m: ModelShape, checkpointing: bool = False) -> dict:
     return _result(math.ceil(n * res.num_gpus), "cuda" if on_gpu else "cpu", phases, states,
                    max(act_actor, act_critic, act_eval), 0, buffers, procs,
                    breakdown={"actor": actor, "critic": critic, "reference_copy": ref_weights, "sync_gathered": gathered,
-                              "sync_clone_rank0": clone, "host_rank0_export": clone},
+                              "sync_object_store_host": 0 if nccl else clone},
                    offloaded_host_bytes=actor["offloaded"] + critic["offloaded"] + (ref_weights - ref_idle),
                    inputs={"world": n, "micro_rows": micro, "accumulation": -(-(-(-ppo.mini_batch_size // n)) // micro),
                            "eval_rows": rows, "seq": seq, "response": R, "gradient_checkpointing": ckpt,
@@ -308,7 +314,8 @@ def plan(cfg, gpu_memory_bytes: int, host_memory_bytes: int | None = None, group
             "cpu_ppo_total_bytes": cpu_ppo,
             "model": {"base": cfg.model.base, **dataclasses.asdict(m), "params": m.params,
                       "backbone_params": m.backbone_params},
-            "offload": offload_summary(cfg, colocated), "groups": out}
+            "offload": offload_summary(cfg, colocated), "groups": out, "checkpoints": checkpoint_sizes(cfg, m),
+            "ppo_runs": sum(METHODS[name].stage is None for name in cfg.pipeline.methods)}
 
 
 def offload_summary(cfg, colocated: bool = False) -> str:
@@ -357,6 +364,7 @@ def format_table(report: dict, config_name: str = "") -> str:
         from tlcr_ray.plan_colocate import format_colocated
 
         lines.append(format_colocated(report["colocated"]))
+    lines += format_checkpoints(report["checkpoints"], report["ppo_runs"]) if "checkpoints" in report else []
     lines += ["", "GiB per GPU (cpu: per process); peak = the largest phase, not the columns' sum (tlcr_ray/plan.py). "
               + ("Everything fits." if report["fits"] else "It does NOT fit.")]
     return "\n".join(lines)

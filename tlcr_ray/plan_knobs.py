@@ -84,7 +84,6 @@ def suggest(cfg, name: str, m: ModelShape, gpu_memory: int, host_memory: int | N
             found.append("together: " + "; ".join(texts))
             break
     g = _group(cfg, name, m, gpu_memory, host_memory)
-    if g["peak_phase"] == "sync":  # ZeRO-3's whole-model gather and rank 0's clone (PPOLearner.full_state_dict)
-        rest = max(v for k, v in g["phases"].items() if k != "sync") / GIB
-        found.append(f"a per-parameter weight sync (not yet available): peak {rest:.1f} GiB")
+    if g["peak_phase"] == "sync" and name == "ppo.learner" and cfg.ppo.bucket_mib > 64:
+        found.append(f"ppo.bucket_mib {cfg.ppo.bucket_mib:g} → 64 (a smaller weight-sync bucket)")
     return found or ["nothing single fits: combine the knobs above or use a larger GPU"]

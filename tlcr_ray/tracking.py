@@ -47,11 +47,13 @@ class CheckpointDir:
 
     @contextlib.contextmanager
     def writing(self, step: int) -> Iterator[Path]:
-        """Yield a temp folder; on success rename it to step-NNNNNN (atomic) and prune old ones."""
+        """Yield a temp folder; on success rename it to step-NNNNNN (atomic) and prune all but the newest
+        `keep`. Temp folders left by a writer that died are removed first."""
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / f"{PREFIX}{step:06d}"
         tmp = self.root / f".tmp-{PREFIX}{step:06d}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in self.root.glob(f".tmp-{PREFIX}*"):  # a writer that died mid-save (GBs each): one writer per run
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
         try:
             yield tmp

@@ -32,7 +32,8 @@ def test_three_step_run(mode, tmp_path, ray_local, tiny_model_dir, head_models, 
     # The policy moved (lr 1e-4), so KL against the frozen reference is no longer exactly zero.
     assert rows[-1]["kl"] != 0.0
     assert (run_dir / "model" / "config.json").exists()
-    assert [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step-")] == ["step-000002", "step-000003"] or \
-        sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
+    # Finished: the resumable state is gone (ppo.keep_resume_state false), the final export says so.
+    assert not (run_dir / "checkpoints").exists() and summary["resume_state"] == "deleted"
+    assert json.loads((run_dir / "model" / "tlcr_export.json").read_text())["final"] is True
     if mode == "sequence":
         assert any(r["reward_token_mean"] != 0 for r in rows)

@@ -13,7 +13,7 @@ def test_remax_run_has_a_greedy_baseline_and_no_critic(tmp_path, ray_local, tiny
     from actors.controller import run
 
     cfg = tiny_ppo_config(tmp_path, tiny_model_dir, head_models, "sequence", "ppo.algorithm=remax",
-                          "ppo.steps=2", "ppo.checkpoint_every=1", "ppo.keep_checkpoints=1")
+                          "ppo.steps=2", "ppo.checkpoint_every=1", "ppo.keep_checkpoints=1", "ppo.keep_resume_state=true")
     summary = run(cfg)
     run_dir = tmp_path / "ppo-remax"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -33,7 +33,7 @@ def test_remax_run_has_a_greedy_baseline_and_no_critic(tmp_path, ray_local, tiny
 
     # A finished run resumes to "nothing to do" from its actor-only checkpoint.
     again = run(tiny_ppo_config(tmp_path, tiny_model_dir, head_models, "sequence", "ppo.algorithm=remax",
-                                "ppo.steps=3", "ppo.checkpoint_every=1", "ppo.keep_checkpoints=1"))
+                                "ppo.steps=3", "ppo.checkpoint_every=1", "ppo.keep_checkpoints=1", "ppo.keep_resume_state=true"))
     assert again["steps"] == 3
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]

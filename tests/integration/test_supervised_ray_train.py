@@ -28,7 +28,8 @@ def test_torchtrainer_zero2_two_workers_checkpoints_and_resumes(ray_local, tiny_
     cfg = load_config("configs/tiny.yaml", [
         f"output_dir={run}", f"model.base={tiny_model_dir}", "disc.num_workers=2", "disc.zero_stage=2",
         "disc.max_steps=24", "disc.checkpoint_every=8", "disc.keep_checkpoints=2", "disc.lr=0.003",
-        "disc.lr_schedule=cosine", "disc.micro_batch_size=4", "disc.max_failures=1"])
+        "disc.lr_schedule=cosine", "disc.micro_batch_size=4", "disc.max_failures=1",
+        "disc.keep_resume_state=true"])  # kept, so that the rerun below can restore it
     monkeypatch.setenv(FAIL_AT_STEP_ENV, "12")  # crash after the step-8 checkpoint; Ray restarts the workers
     summary = run_disc(cfg)
 

@@ -152,15 +152,18 @@ def learner_update(model, prompt, response, steps=5, lr=3e-3):
 @pytest.mark.vllm
 def test_weight_sync_changes_sampling_and_scoring_to_the_new_weights(engine, model_dir, hf_policy, long_prompt):
     from tlcr_ray.models import load_policy
+    from tlcr_ray.training.gather import state_buckets
 
     prompts = [long_prompt, [5, 6, 7, 8, 9]]
     # Fill the prefix cache with KV blocks of the old weights.
     before = engine.generate(prompts, max_new_tokens=MAX_NEW, temperature=1.0, top_p=1.0, seed=7)
     score_before = engine.score(prompts, before.response_ids)
     learner = learner_update(load_policy(model_dir).train(), long_prompt, before.response_ids[0])
-    new_state = {name: t.detach().clone() for name, t in learner.state_dict().items() if name != "lm_head.weight"}
 
-    engine.load_state_dict(new_state)
+    # Streamed, as the learner sends it: several buckets, pulled one at a time by reload_weights.
+    buckets = list(state_buckets(learner, zero3=False, rank=0, bucket_bytes=1 << 20))
+    assert len(buckets) > 2 and "lm_head.weight" in buckets[-1]  # the tied head is named, last
+    engine.load_weight_stream(iter(buckets))
 
     new_reference = hf_logprobs(learner, prompts, before.response_ids)
     assert max_abs_diff(new_reference, score_before) > 0.5  # the update is visible at all

@@ -122,8 +122,10 @@ def test_a100_7b_plan_numbers():
     # The separate-pools layout (one vLLM engine per GPU); the colocated one: tests/unit/test_placement.py.
     report = plan(load_config(REPO / "configs" / "a100-7b-2node.yaml"), gpu_bytes("a100-80gb"))
     learner = report["groups"]["ppo.learner"]
-    assert learner["peak_phase"] == "sync"  # the whole-model gather + rank 0's clone
-    assert learner["breakdown"]["sync_gathered"] == 2 * report["model"]["params"]
+    # The sync streams: one bucket (ppo.bucket_mib) + the largest parameter gathered, not the whole policy.
+    m = report["model"]
+    assert learner["breakdown"]["sync_gathered"] == 256 * 2**20 + 2 * m["vocab"] * m["hidden"] < 2 * m["params"]
+    assert learner["peak_phase"] != "sync"
     rollout = report["groups"]["ppo.rollout"]
     assert rollout["per_gpu"]["peak"] == int(0.85 * gpu_bytes("a100-80gb")) + 2 * GIB
     # 512 prompts: vLLM runs them in waves of what its KV cache holds (over a hundred full-length sequences).
@@ -284,3 +286,26 @@ def test_remax_learner_has_no_critic_states():
     # The critic is a backbone + value head: roughly half of the two engines' states.
     ratio = remax_learner["per_gpu"]["model_states"] / ppo_learner["per_gpu"]["model_states"]
     assert 0.4 < ratio < 0.6
+
+
+def test_checkpoint_sizes_per_stage_and_what_a_finished_pipeline_leaves():
+    from tlcr_ray.plan_checkpoints import checkpoint_sizes
+
+    cfg = load_config(REPO / "configs" / "demo.yaml")
+    report = plan(cfg, gpu_bytes("a100-80gb"))
+    sizes, p = report["checkpoints"], report["model"]["params"]
+    # fp32 ZeRO-2: weights 4P + fp32 master 4P + Adam 8P; the demo's supervised exports are bf16 (2P).
+    assert sizes["sft"]["resumable_bytes"] == 16 * p and sizes["sft"]["export_bytes"] == 2 * p
+    # PPO: actor + critic engines + the policy's HF folder; the final export in model.dtype (fp32).
+    assert sizes["ppo"]["resumable_bytes"] == 16 * p + 16 * report["model"]["backbone_params"] + 4 * p
+    assert sizes["ppo"]["after_finish_bytes"] == 4 * p
+    kept = checkpoint_sizes(load_config(REPO / "configs" / "demo.yaml", ["ppo.keep_resume_state=true"]),
+                            model_shape(cfg.model.base))["ppo"]
+    assert kept["after_finish_bytes"] == 4 * p + kept["resumable_bytes"] * kept["keep_checkpoints"]
+    # SmolLM2-135M: what `make demo` leaves: bf16 sft/disc/rm exports (3 x 0.27 GB), fp32 DPO and FIGA
+    # policies (2 x 0.54) and four fp32 PPO policies (ppo-seq, remax, tlcr-fixed, tlcr: 4 x 0.54).
+    assert report["ppo_runs"] == 4 and sizes["dpo"]["export_bytes"] == sizes["figa"]["export_bytes"] == 4 * p
+    total = sum(sizes[s]["after_finish_bytes"] for s in ("sft", "disc", "rm", "dpo", "figa")) \
+        + 4 * sizes["ppo"]["after_finish_bytes"]
+    assert 3.9e9 < total < 4.2e9
+    assert "left after the pipeline (4 PPO runs): 4.0" in format_table(report)

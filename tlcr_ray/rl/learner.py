@@ -24,6 +24,7 @@ import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -235,16 +236,24 @@ class PPOLearner:
         return {**stats, "value_loss": vf_loss.item() * norm * weight, "value_clip_frac": vf_clipfrac.item() * tokens}
 
     # ------------------------------------------------------------------ weights and checkpoints
-    def full_state_dict(self, device: str = "cpu") -> dict[str, torch.Tensor] | None:
-        """HF-named policy weights on `device` (rank 0; None elsewhere). Collective under ZeRO-3."""
-        module = self.actor.module
-        copy = lambda: {k: v.detach().to(device).clone() for k, v in module.state_dict().items()}  # noqa: E731
-        if self.cfg.zero_stage == 3:
-            import deepspeed
+    def state_buckets(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                      skip: tuple[str, ...] | set[str] = ()):
+        """The policy's HF-named weights, one bucket of <= ppo.bucket_mib at a time: {name: tensor} on
+        rank 0, None elsewhere (`tlcr_ray.training.gather.state_buckets`). Every rank must drain it
+        (collective under ZeRO-3); nothing holds the whole model at once."""
+        from tlcr_ray.training.gather import state_buckets
 
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                return copy() if self.rank == 0 else None
-        return copy() if self.rank == 0 else None
+        return state_buckets(self.actor.module, zero3=self.cfg.zero_stage == 3, rank=self.rank,
+                             bucket_bytes=int(self.cfg.bucket_mib * 2**20), device=device, dtype=dtype, skip=skip)
+
+    def full_state_dict(self, device: str = "cpu") -> dict[str, torch.Tensor] | None:
+        """The whole policy state dict on rank 0 (None elsewhere), assembled from `state_buckets`: a
+        whole-model copy, for tests and small models; syncs and exports stream the buckets instead."""
+        state: dict[str, torch.Tensor] = {}
+        for bucket in self.state_buckets(device):
+            if bucket is not None:
+                state.update({name: t.clone() for name, t in bucket.items()})
+        return state if self.rank == 0 else None
 
     # CUDA + vLLM weight sync: rank 0 broadcasts into the vLLM workers over a stateless NCCL group.
     @property
@@ -253,11 +262,18 @@ class PPOLearner:
 
     def weight_update_info(self) -> dict | None:
         """Names, dtypes and shapes of what `send_weights` broadcasts, in send order (rank 0; None
-        elsewhere; collective under ZeRO-3). Fixed for a run, so the receivers get it once."""
-        from tlcr_ray.rl.weight_sync import weight_update_info, with_tied_lm_head
+        elsewhere). Read from the parameters' metadata (ZeRO-3 keeps the full shape in `ds_shape`):
+        nothing is gathered. Fixed for a run, so the receivers get it once."""
+        from tlcr_ray.rl.weight_sync import weight_update_info
 
-        state = self.full_state_dict()
-        return None if state is None else weight_update_info(with_tied_lm_head(state, self.tie_word_embeddings).items())
+        if self.rank != 0:
+            return None
+        return weight_update_info(self._policy_entries())
+
+    def _policy_entries(self) -> list[tuple[str, SimpleNamespace]]:
+        """(name, dtype + full shape) of every state-dict entry, tied lm_head included, in stream order."""
+        return [(name, SimpleNamespace(dtype=t.dtype, shape=tuple(getattr(t, "ds_shape", t.shape))))
+                for name, t in self.actor.module.state_dict(keep_vars=True).items()]
 
     def init_weight_sender(self, master_address: str, master_port: int, world_size: int) -> None:
         """Rank 0 takes rank 0 of the NCCL group; blocks until every vLLM worker has joined."""
@@ -267,13 +283,14 @@ class PPOLearner:
             self.sender = NCCLWeightSender(master_address, master_port, world_size)
 
     def send_weights(self) -> float:
-        """One broadcast round (all ranks call it: gathering is collective under ZeRO-3)."""
-        from tlcr_ray.rl.weight_sync import cuda_named_tensors
-
+        """One broadcast round, bucket by bucket (all ranks call it: gathering is collective under ZeRO-3)."""
         start = time.perf_counter()
-        state = self.full_state_dict(device=str(self.device))
-        if state is not None:
-            self.sender.send(cuda_named_tensors(state, self.tie_word_embeddings))
+        stream = self.state_buckets(device=self.device)
+        if self.rank == 0:
+            self.sender.send(item for bucket in stream for item in bucket.items())
+        else:
+            for _ in stream:
+                pass
         return time.perf_counter() - start
 
     @torch.no_grad()
@@ -284,12 +301,13 @@ class PPOLearner:
         logp = policy_logprobs(self.actor, packed, 1.0, self.cfg.forward_micro_batch_size, self.device)
         return [row[:len(r)] for row, r in zip(logp.tolist(), response_ids)]
 
-    def save_checkpoint(self, folder: str) -> None:
-        """DeepSpeed state of the engines (collective) + the policy as an HF folder (rank 0)."""
+    def save_checkpoint(self, folder: str, step: int | None = None) -> None:
+        """DeepSpeed state of the engines (collective) + the policy as an HF folder (rank 0), in the
+        training dtype: the rollout engines of a resumed run start from it."""
         folder = Path(folder)
         for name, engine in self.engines.items():
             engine.save_checkpoint(str(folder / name), tag="ds")
-        self.export_hf(str(folder / "hf"))
+        self.export_hf(str(folder / "hf"), dtype="auto", step=step)
 
     def load_checkpoint(self, folder: str) -> None:
         folder = Path(folder)
@@ -306,12 +324,19 @@ class PPOLearner:
             if path is None:
                 raise FileNotFoundError(f"{folder / name}: no DeepSpeed checkpoint 'ds'")
 
-    def export_hf(self, path: str) -> None:
-        """Policy as a loadable HF folder with its tokenizer (rank 0 writes; collective under ZeRO-3)."""
-        state = self.full_state_dict()
-        if self.rank != 0:
-            return
-        from tlcr_ray.models import load_tokenizer
+    def export_hf(self, path: str, dtype: str | None = None, step: int | None = None, final: bool = False) -> None:
+        """Policy as a loadable HF folder with its tokenizer, streamed bucket by bucket (rank 0 writes;
+        collective under ZeRO-3). `dtype`: the stored dtype (None: ppo.export_dtype; "auto": as trained)."""
+        from tlcr_ray.training.gather import export_dtype, tied_names, write_hf_folder
 
-        self.actor.module.save_pretrained(path, state_dict=state)
-        load_tokenizer(self.policy_dir).save_pretrained(path)
+        module = self.actor.module
+        held = next(module.parameters()).dtype
+        stored = export_dtype(self.cfg.export_dtype if dtype is None else dtype, held)
+        tokenizer = None
+        if self.rank == 0:
+            from tlcr_ray.models import load_tokenizer
+
+            tokenizer = load_tokenizer(self.policy_dir)
+        write_hf_folder(self.state_buckets(dtype=stored, skip=tied_names(module)), path, module=module,
+                        rank=self.rank, tokenizer=tokenizer, dtype=stored,
+                        extra={"step": step, "final": final})

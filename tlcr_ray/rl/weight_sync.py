@@ -1,14 +1,15 @@
 """How updated learner weights reach the rollout engines.
 
-* object_store (CPU, or any HF engine): rank 0's state dict, put once, loaded by every engine.
-* nccl (CUDA learner + vLLM): learner rank 0 broadcasts into every vLLM worker over a stateless NCCL
-  group, through vLLM's documented weight-transfer API; `NCCLWeightSender` is the learner's side,
+* object_store (CPU, or any HF engine): rank 0 puts the weights in the object store one bucket at a
+  time as they are gathered (`tlcr_ray.training.gather`); every engine loads them bucket by bucket.
+* nccl (CUDA learner + vLLM): learner rank 0 broadcasts the buckets into every vLLM worker over a
+  stateless NCCL group, through vLLM's documented weight-transfer API; `NCCLWeightSender` is the learner's side,
   `VLLMRollout.init_weight_sync` / `receive_weights` the engines' side. Both sides must be issued
   concurrently (they meet inside the collectives).
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 
@@ -93,9 +94,3 @@ class NCCLWeightSender:
 
     def close(self) -> None:
         self.group.destroy()
-
-
-def cuda_named_tensors(state_dict: dict[str, torch.Tensor], tie_word_embeddings: bool) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF-named tensors ready for `NCCLWeightSender.send` (contiguous, on the current CUDA device)."""
-    for name, tensor in with_tied_lm_head(state_dict, tie_word_embeddings).items():
-        yield name, tensor.detach().to("cuda").contiguous()

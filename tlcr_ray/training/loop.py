@@ -29,6 +29,7 @@ from tlcr_ray.models import (
     load_tokenizer,
     save_head_model,
 )
+from tlcr_ray.oom import maybe_inject_oom
 from tlcr_ray.tracking import MetricsLog
 from tlcr_ray.training.batching import collate, micro_batches
 from tlcr_ray.training.losses import StepStats, compute_loss
@@ -78,16 +79,6 @@ def build_model(stage: str, init_path: str, dtype: str = "float32", seed: int = 
     return enable_gradient_checkpointing(model) if gradient_checkpointing else model
 
 
-def export_model(stage: str, model: nn.Module, path, tokenizer, state_dict: dict | None = None) -> None:
-    """Write the stage's model as an HF folder (atomically); `state_dict` overrides the live weights."""
-    if stage in POLICY_STAGES:
-        with atomic_folder(path) as tmp:
-            model.save_pretrained(tmp, state_dict=state_dict)
-            tokenizer.save_pretrained(tmp)
-    else:
-        save_head_model(model, path, tokenizer, state_dict=state_dict)
-
-
 def build_engine(spec: LoopSpec):
     """The model, AdamW, the lr schedule and the DeepSpeed engine of the stage -> (engine, schedule)."""
     import deepspeed
@@ -127,6 +118,7 @@ def run_rank(spec: LoopSpec, rank: int, world: int, device: torch.device, checkp
     for step in range(start + 1, steps + 1):
         if step == spec.fail_at_step and start == 0:
             raise RuntimeError(f"injected failure at step {step} ({FAIL_AT_STEP_ENV})")
+        maybe_inject_oom(stage, step)  # TLCR_TEST_OOM, a test hook (tlcr_ray.oom)
         began, lr = time.time(), schedule.get_last_lr()[0]
         stats = StepStats()
         engine.train()
@@ -147,12 +139,18 @@ def run_rank(spec: LoopSpec, rank: int, world: int, device: torch.device, checkp
             if log:
                 log.event(eval_step=step, **{k: v for k, v in row.items() if k.startswith("eval_")})
         if final:
-            export(stage, engine, cfg.zero_stage, model_dir, tokenizer, rank)
-        if final or step % cfg.checkpoint_every == 0:
+            export(stage, engine, cfg, model_dir, tokenizer, rank, step, final=True)
+        elif cfg.export_every and step % cfg.export_every == 0:
+            export(stage, engine, cfg, Path(spec.stage_dir) / "export", tokenizer, rank, step)
+        # The last step's resumable state would be deleted at once unless keep_resume_state: the final
+        # export (tlcr_export.json "final") is what marks the stage done.
+        if step % cfg.checkpoint_every == 0 or (final and cfg.keep_resume_state):
             checkpoints.save(engine, step, {"step": step, **row})
+        elif final:
+            checkpoints.report({"step": step, **row})
     if start >= steps:  # restored a finished run
         if not (model_dir / "config.json").exists():
-            export(stage, engine, cfg.zero_stage, model_dir, tokenizer, rank)
+            export(stage, engine, cfg, model_dir, tokenizer, rank, steps, final=True)
         checkpoints.report({"step": steps})
     if log:
         log.close()
@@ -211,11 +209,17 @@ def reference_logps(spec: LoopSpec, rank: int, world: int, device, pad_id: int) 
     return {"pairs": len(examples), "computed": box[0] is None, "seconds": round(time.time() - began, 1)}
 
 
-def export(stage, engine, zero_stage: int, path: Path, tokenizer, rank: int) -> None:
-    """Rank 0 writes the HF folder; under ZeRO-3 every rank first helps gather the full weights."""
+def export(stage, engine, cfg: TrainConfig, path: Path, tokenizer, rank: int, step: int, final: bool = False) -> None:
+    """Rank 0 writes the HF folder in cfg.export_dtype, streamed bucket by bucket (cfg.bucket_mib): under
+    ZeRO-3 every rank takes part in each bucket's gather and nothing holds the whole model."""
     import torch.distributed as dist
 
-    state = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None
-    if rank == 0:
-        export_model(stage, engine.module, path, tokenizer, state_dict=state)
+    from tlcr_ray.training.gather import export_dtype, state_buckets, tied_names, write_hf_folder
+
+    module = engine.module
+    stored = export_dtype(cfg.export_dtype, next(module.parameters()).dtype)
+    buckets = state_buckets(module, zero3=cfg.zero_stage == 3, rank=rank, bucket_bytes=int(cfg.bucket_mib * 2**20),
+                            dtype=stored, skip=tied_names(module))
+    write_hf_folder(buckets, path, module=module, rank=rank, tokenizer=tokenizer if rank == 0 else None,
+                    dtype=stored, extra={"stage": stage, "step": step, "final": final})
     dist.barrier()

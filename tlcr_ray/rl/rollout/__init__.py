@@ -9,7 +9,7 @@
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Iterable, Protocol
 
 import torch
 
@@ -25,6 +25,10 @@ class RolloutEngine(Protocol):
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Replace the policy weights (HF parameter names)."""
+
+    def load_weight_stream(self, buckets: Iterable[dict[str, torch.Tensor]]) -> None:
+        """Replace the policy weights from buckets of HF-named tensors (`tlcr_ray.training.gather`),
+        taking one bucket at a time (no whole-model copy on the receiving side either)."""
 
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
         """Log-probs (temperature 1) of the given responses, for weight-sync checks."""

@@ -1,6 +1,8 @@
 """The HF `generate` rollout backend (CPU, or one GPU without vLLM)."""
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 
 from tlcr_ray.models import load_policy, load_tokenizer
@@ -105,11 +107,22 @@ class HFRollout:
         return [float(logp[row, len(r) - 1]) for row, r in enumerate(response_ids)]
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
-        # Tied embeddings: lm_head.weight may be absent from the sender's dict and that is fine.
-        missing = [k for k in missing if k != "lm_head.weight"]
-        if missing or unexpected:
-            raise KeyError(f"HFRollout.load_state_dict: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        self.load_weight_stream([state_dict])
+
+    @torch.no_grad()
+    def load_weight_stream(self, buckets: Iterable[dict[str, torch.Tensor]]) -> None:
+        """Replace the weights bucket by bucket (each copied in, then dropped); every weight must arrive."""
+        expected = set(self.model.state_dict())
+        loaded: set[str] = set()
+        for bucket in buckets:
+            _, unexpected = self.model.load_state_dict(bucket, strict=False)
+            if unexpected:
+                raise KeyError(f"HFRollout.load_weight_stream: unexpected {unexpected[:5]}")
+            loaded.update(bucket)
+        # Tied embeddings: lm_head.weight may be absent from the sender's buckets and that is fine.
+        missing = sorted(expected - loaded - {"lm_head.weight"})
+        if missing:
+            raise KeyError(f"HFRollout.load_weight_stream: missing {missing[:5]}")
 
     # ---- colocated phases (ppo.colocate all): free the shared GPU while the learner trains
     def sleep(self) -> dict:

@@ -13,10 +13,11 @@ temperatures other than 1.0 (and 0.0, greedy, whose log-probs are also taken at 
 as `HFRollout` does) rather than return log-probs the learner cannot reproduce.
 
 Weight sync.
-* CPU (and any single-process use): `load_state_dict(hf_state_dict)` calls the workers' built-in
-  `reload_weights`, which takes HF parameter names and packs q/k/v, gate/up itself. The in-process
-  engine (the default on CPU) receives the tensors directly; a multi-process engine reads them
-  from a safetensors file in /dev/shm (tensors cannot cross its RPC pickling). The prefix cache is
+* CPU (and any single-process use): `load_weight_stream(buckets)` (or `load_state_dict(hf_state_dict)`)
+  calls the workers' built-in `reload_weights`, which takes HF parameter names and packs q/k/v,
+  gate/up itself. The in-process engine (the default on CPU) pulls the tensors from an iterator over
+  the buckets; a multi-process engine reads them from one safetensors shard per bucket in /dev/shm
+  (tensors cannot cross its RPC pickling). The prefix cache is
   reset afterwards, or rollouts would reuse KV blocks computed with the old weights.
 * CUDA: vLLM's documented weight-transfer API (`weight_transfer_config={"backend": "nccl"}`):
   `init_weight_sync(...)` joins a stateless NCCL group with the learner's rank 0, whose
@@ -31,6 +32,7 @@ import os
 import shutil
 import sys
 import tempfile
+from typing import Iterable
 
 import torch
 
@@ -195,23 +197,39 @@ class VLLMRollout:
     # ---- weight sync: CPU / single process ------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Replace the engine's weights in place with an HF-named state dict of the policy."""
-        state_dict = with_tied_lm_head(state_dict, self.tie_word_embeddings)
+        self.load_weight_stream([with_tied_lm_head(state_dict, self.tie_word_embeddings)])
+
+    def load_weight_stream(self, buckets: Iterable[dict[str, torch.Tensor]]) -> None:
+        """Replace the weights from buckets of HF-named tensors (`tlcr_ray.training.gather.state_buckets`
+        names a tied lm_head.weight itself). In process, `reload_weights` pulls (name, tensor) pairs
+        from one iterator over the buckets, so one bucket is taken at a time; a multi-process engine
+        reads one safetensors shard per bucket from /dev/shm."""
         if self.in_process:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state_dict.items())})
+            pairs = (item for bucket in buckets for item in bucket.items())
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": pairs})
+            self.llm.reset_prefix_cache()
         else:
-            self.load_state_dict_via_file(state_dict)
-        self.llm.reset_prefix_cache()
+            self.load_weight_stream_via_files(buckets)
 
     def load_state_dict_via_file(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """The multi-process engine's path: safetensors in /dev/shm, read by every worker, then removed."""
+        """The multi-process engine's path for a whole state dict (see `load_weight_stream_via_files`)."""
+        self.load_weight_stream_via_files([with_tied_lm_head(state_dict, self.tie_word_embeddings)])
+
+    def load_weight_stream_via_files(self, buckets: Iterable[dict[str, torch.Tensor]]) -> None:
+        """The multi-process engine's path: a safetensors shard per bucket in /dev/shm, read by every
+        worker, then removed."""
         from safetensors.torch import save_file
 
-        state_dict = with_tied_lm_head(state_dict, self.tie_word_embeddings)
         shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
         folder = tempfile.mkdtemp(prefix="tlcr-vllm-weights-", dir=shm)
         try:
-            save_file({name: t.detach().to("cpu").contiguous() for name, t in state_dict.items()},
-                      os.path.join(folder, "model.safetensors"))
+            for i, bucket in enumerate(buckets):
+                seen, shard = set(), {}
+                for name, t in bucket.items():  # safetensors refuses shared tensors (tied lm_head): copy those
+                    t = t.detach().to("cpu")
+                    shard[name] = t.clone() if t.data_ptr() in seen else t.contiguous()
+                    seen.add(t.data_ptr())
+                save_file(shard, os.path.join(folder, f"model-{i + 1:05d}.safetensors"))
             self.llm.collective_rpc("reload_weights", kwargs={"weights_path": folder})
         finally:
             shutil.rmtree(folder, ignore_errors=True)
