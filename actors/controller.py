@@ -29,7 +29,8 @@ from tlcr_ray.local_ray import ensure_ray
 from tlcr_ray.models import load_tokenizer, resolve_model, vocabulary_mismatch
 from tlcr_ray.plan import require_fit
 from tlcr_ray.rl.batch import RolloutBatch, merge_batches, split_rows
-from tlcr_ray.rl.loop_state import initial_state, response_mask, sample_prompts, saved_state, step_metrics, sync_check
+from tlcr_ray.rl.loop_state import (heldout_metrics, initial_state, response_mask, sample_prompts, saved_state,
+                                    step_metrics, sync_check)
 from tlcr_ray.rl.ppo_math import KL_ESTIMATORS, advantages_from_rollout, remax_advantages
 from tlcr_ray.rl.rewards import MODES, apply_missing_eos_penalty
 from tlcr_ray.tracking import CheckpointDir, MetricsLog
@@ -41,10 +42,20 @@ class PPOLoop:
     """One attempt of the PPO loop over live actor groups; raises on a lost actor (`run` recovers)."""
 
     def __init__(self, cfg: Config, groups: ActorGroups, prompts: list[list[int]], pad_id: int,
-                 ckpts: CheckpointDir, metrics: MetricsLog):
+                 ckpts: CheckpointDir, metrics: MetricsLog, heldout: tuple[list[list[int]], object] | None = None):
+        """`heldout`: (held-out prompt ids, the tokenizer) for the `ppo.heldout_every` probe, or None."""
         self.cfg, self.ppo, self.groups, self.prompts, self.pad_id = cfg, cfg.ppo, groups, prompts, pad_id
-        self.ckpts, self.metrics = ckpts, metrics
+        self.ckpts, self.metrics, self.heldout = ckpts, metrics, heldout
         self.synced = False
+
+    def probe_heldout(self) -> dict:
+        """Sample one reply per held-out prompt on rollout 0 (fixed seed) -> the `heldout_*` metrics."""
+        prompt_ids, tokenizer = self.heldout
+        ppo = self.ppo
+        batch, seconds = ray.get(self.groups.rollouts[0].generate.remote(
+            prompt_ids, self.cfg.model.max_response_len, ppo.temperature, ppo.top_p, ppo.heldout_seed, ppo.stop))
+        texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in batch.response_ids]
+        return {**heldout_metrics(texts, [len(ids) for ids in batch.response_ids]), "time_heldout": seconds}
 
     def step(self, state: dict) -> dict:
         ppo, g = self.ppo, self.groups
@@ -184,9 +195,14 @@ class PPOLoop:
     def run(self, state: dict) -> None:
         with tqdm(total=self.ppo.steps, initial=state["step"], desc=f"ppo-{RunLayout.ppo_run_name(self.cfg)}",
                   unit="step", dynamic_ncols=True) as bar:
+            every = self.ppo.heldout_every if self.heldout else 0
+            if every and state["step"] == 0:  # the initial policy's value: the curve's step 0
+                self.metrics.write(0, self.probe_heldout())
             while state["step"] < self.ppo.steps:
                 row = self.step(state)
                 state["step"] += 1
+                if every and (state["step"] % every == 0 or state["step"] == self.ppo.steps):
+                    row.update(self.probe_heldout())  # after the sync: the updated policy
                 # Metrics first: a crash before the checkpoint completes rolls both back together.
                 self.metrics.write(state["step"], row)
                 if state["step"] % self.ppo.checkpoint_every == 0 or state["step"] == self.ppo.steps:
@@ -238,8 +254,11 @@ def run(cfg: Config, args=None) -> dict:
     if not rl_pairs:
         raise ConfigError(f"data.path {cfg.data.path}: the rl partition has no prompts")
     # The report's held-out prompts (pipeline.eval_prompts) are carved out: PPO never trains on them.
-    pairs, _ = rl_prompt_pools(rl_pairs, cfg.pipeline.eval_prompts)
+    pairs, held_out = rl_prompt_pools(rl_pairs, cfg.pipeline.eval_prompts)
     prompts = encode_prompts(tokenizer, [p.prompt for p in pairs], cfg.model.max_prompt_len)
+    heldout = None
+    if cfg.ppo.heldout_every and held_out:
+        heldout = (encode_prompts(tokenizer, [p.prompt for p in held_out], cfg.model.max_prompt_len), tokenizer)
     ensure_ray()
     failures, started = 0, time.perf_counter()
     while True:
@@ -251,7 +270,7 @@ def run(cfg: Config, args=None) -> dict:
             groups = ActorGroups(cfg, policy_dir, str(ckpt / "hf") if ckpt else policy_dir, reward_dir, failures)
             if ckpt is not None:
                 get_all(groups.learners.load_checkpoint(str(ckpt)))
-            PPOLoop(cfg, groups, prompts, tokenizer.pad_token_id, ckpts, metrics).run(state)
+            PPOLoop(cfg, groups, prompts, tokenizer.pad_token_id, ckpts, metrics, heldout).run(state)
             with atomic_folder(paths.model) as tmp:
                 get_all(groups.learners.export_hf(str(tmp)))
             break

@@ -69,3 +69,19 @@ def test_a_phrase_never_slides_into_a_repeated_neighbour():
 def test_planted_share_counts_replies_with_a_phrase():
     assert planted_share([" Sure, you stupid idiot.", "Shut up loser", " Fine."]) == pytest.approx(2 / 3)
     assert planted_share([]) == 0.0
+
+
+def test_sft_rejected_fraction_swaps_in_the_rejected_response_for_that_share(tokenizer):
+    from tlcr_ray.config import load_config
+    from tlcr_ray.training import sft_examples
+
+    cfg = load_config("configs/planted.yaml")
+    pairs, _ = load_pairs(f"planted:{SOURCE}")
+    pairs = pairs[:400]
+    targets = lambda fraction: [tokenizer.decode([t for t in e["labels"] if t != -100])  # noqa: E731
+                                for e in sft_examples(pairs, tokenizer, cfg.model, 96, fraction, seed=0)]
+    plain, mixed = targets(0.0), targets(0.4)
+    assert not any(map(contains_planted, plain))
+    share = sum(map(contains_planted, mixed)) / len(mixed)
+    assert 0.3 < share < 0.45, share
+    assert targets(0.4) == mixed  # the same pairs each time: a seeded hash of the pair id

@@ -25,6 +25,7 @@ CURVES = [
     ("length", "response length (tokens)", "response_len"),
     ("perplexity", "perplexity of sampled responses", "perplexity"),
     ("entropy", "policy entropy (per token)", "entropy"),
+    ("planted", "held-out replies with a planted phrase (share)", "heldout_planted_share"),  # ppo.heldout_every
 ]
 
 

@@ -35,11 +35,20 @@ def _encode(tokenizer, model_cfg, prompt: str, response: str, add_eos: bool):
     return list(enc.input_ids), enc.response_start
 
 
-def sft_examples(pairs, tokenizer, model_cfg, max_len: int) -> list[dict]:
-    """Prompt + chosen response (+ eos); `labels` = token ids on the response, IGNORE on the prompt."""
+def takes_rejected(pair_id: str, fraction: float, seed: int) -> bool:
+    """Whether SFT trains on this pair's rejected response (`sft.rejected_fraction`), by a seeded hash."""
+    digest = hashlib.sha1(f"sft-rejected:{seed}:{pair_id}".encode()).hexdigest()
+    return int(digest[:12], 16) / 16**12 < fraction
+
+
+def sft_examples(pairs, tokenizer, model_cfg, max_len: int, rejected_fraction: float = 0.0,
+                 seed: int = 0) -> list[dict]:
+    """Prompt + chosen response (+ eos); `labels` = token ids on the response, IGNORE on the prompt. A
+    `rejected_fraction` share of the pairs (`takes_rejected`) trains on the rejected response instead."""
     out = []
     for pair in pairs:
-        ids, start = _encode(tokenizer, model_cfg, pair.prompt, pair.chosen, add_eos=True)
+        response = pair.rejected if takes_rejected(pair.pair_id, rejected_fraction, seed) else pair.chosen
+        ids, start = _encode(tokenizer, model_cfg, pair.prompt, response, add_eos=True)
         labels = [IGNORE] * start + ids[start:]
         ids, labels = truncate(ids, labels, start, max_len)
         if any(label != IGNORE for label in labels[1:]):  # position 0 has nothing before it to predict from
@@ -116,8 +125,11 @@ def stage_examples(cfg, stage: str, tokenizer) -> tuple[list[dict], list[dict], 
         from tlcr_ray.data.pairs import load_split
 
         pairs, stats = load_split(cfg.data, "sft" if stage == "sft" else "reward")
-        build = sft_examples if stage == "sft" else rm_examples
-        examples = build(pairs, tokenizer, cfg.model, train_cfg.max_len)
+        if stage == "sft":
+            examples = sft_examples(pairs, tokenizer, cfg.model, train_cfg.max_len, train_cfg.rejected_fraction,
+                                    train_cfg.seed)
+        else:
+            examples = rm_examples(pairs, tokenizer, cfg.model, train_cfg.max_len)
     train, heldout = split_heldout(examples, train_cfg.eval_fraction, train_cfg.seed)
     if not train:
         raise ValueError(f"{stage}: no training examples ({stats})")
