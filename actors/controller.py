@@ -49,13 +49,19 @@ class PPOLoop:
         self.synced = False
 
     def probe_heldout(self) -> dict:
-        """Sample one reply per held-out prompt on rollout 0 (fixed seed) -> the `heldout_*` metrics."""
+        """Sample one reply per held-out prompt on rollout 0 (fixed seeds, in rollout-sized batches) -> the
+        `heldout_*` metrics."""
         prompt_ids, tokenizer = self.heldout
-        ppo = self.ppo
-        batch, seconds = ray.get(self.groups.rollouts[0].generate.remote(
-            prompt_ids, self.cfg.model.max_response_len, ppo.temperature, ppo.top_p, ppo.heldout_seed, ppo.stop))
-        texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in batch.response_ids]
-        return {**heldout_metrics(texts, [len(ids) for ids in batch.response_ids]), "time_heldout": seconds}
+        ppo, size = self.ppo, self.ppo.prompts_per_step  # a rollout batch's size: its memory is known to fit
+        responses, seconds = [], 0.0
+        for k in range(0, len(prompt_ids), size):
+            batch, s = ray.get(self.groups.rollouts[0].generate.remote(
+                prompt_ids[k:k + size], self.cfg.model.max_response_len, ppo.temperature, ppo.top_p,
+                ppo.heldout_seed + k, ppo.stop))
+            responses += batch.response_ids
+            seconds += s
+        texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in responses]
+        return {**heldout_metrics(texts, [len(ids) for ids in responses]), "time_heldout": seconds}
 
     def step(self, state: dict) -> dict:
         ppo, g = self.ppo, self.groups

@@ -42,15 +42,17 @@ def _tlcr(*args: str, log) -> float:
     return time.time() - start
 
 
-def run_seeds(config: str, out: Path, seeds: list[int], steps: int | None) -> dict:
+def run_seeds(config: str, out: Path, seeds: list[int], steps: int | None,
+              pipeline_modes: list[str] | None = None) -> dict:
     """Every run the figures need (skipping finished ones); -> {"wall_s": {...}}."""
     out.mkdir(parents=True, exist_ok=True)
     base = out / f"seed-{seeds[0]}"
     common = [f"ppo.steps={steps}"] if steps else []
+    modes = [f"pipeline.ppo_modes=[{', '.join(pipeline_modes)}]"] if pipeline_modes else []
     wall = {}
     with open(out / "runs.log", "a") as log:
         sets = [x for kv in [f"output_dir={base}", f"ppo.seed={seeds[0]}", f"ppo.heldout_seed={seeds[0]}",
-                             *common] for x in ("--set", kv)]
+                             *common, *modes] for x in ("--set", kv)]
         wall["pipeline"] = _tlcr("pipeline", "--config", config, *sets, log=log)
         layout = RunLayout(base)
         for seed in seeds[1:]:
@@ -132,10 +134,20 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-quality")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, help="PPO steps per run (default: the config's ppo.steps)")
+    parser.add_argument("--summarize-only", action="store_true",
+                        help="run nothing: summarize the seeds under --out whose two runs have finished")
+    parser.add_argument("--pipeline-modes", nargs="+", choices=["continuous", "sequence", "fixed"],
+                        help="PPO modes of seed 0's pipeline (default: the config's pipeline.ppo_modes; "
+                             "continuous and sequence are needed)")
     args = parser.parse_args()
     out = (REPO / args.out) if not os.path.isabs(args.out) else Path(args.out)
     start = time.time()
-    wall = run_seeds(args.config, out, args.seeds, args.steps)["wall_s"]
+    if args.summarize_only:
+        args.seeds = [s for s in args.seeds if all(RunLayout(out / f"seed-{s}").ppo(m).model.exists() for m in MODES)]
+        stages = json.loads(RunLayout(out / f"seed-{args.seeds[0]}").pipeline_record.read_text())["stages"]
+        wall = {"pipeline": sum(info.get("seconds", 0) for info in stages.values())}
+    else:
+        wall = run_seeds(args.config, out, args.seeds, args.steps, args.pipeline_modes)["wall_s"]
     curves = collect(out, args.seeds)
     result = summarize(curves, args.config, wall)
     total = time.time() - start
@@ -147,8 +159,9 @@ def main() -> None:
         f"seed {s}: TLCR {curves[s]['continuous'][last]['share']:.3f} vs PPO-seq {curves[s]['sequence'][last]['share']:.3f}"
         f" (step 0 {curves[s]['continuous'][0]['share']:.3f}, KL {curves[s]['continuous'][last]['kl']:.3f} vs "
         f"{curves[s]['sequence'][last]['kl']:.3f})" for s in args.seeds)
-    details = (f"{args.config}, {n} paired seeds, {last} PPO steps each; {per_seed}; wall {total:.0f} s "
-               f"(pipeline {wall.get('pipeline', 0):.0f} s) on a shared machine")
+    where = "summarized from finished runs" if args.summarize_only else f"wall {total:.0f} s"
+    details = (f"{args.config}, {n} paired seeds, {last} PPO steps each; {per_seed}; {where} "
+               f"(seed {args.seeds[0]}'s pipeline {wall.get('pipeline', 0):.0f} s) on a shared machine")
     record("quality", f"planted-phrase share, TLCR - PPO-seq at step {last} (mean of {n} paired seeds)",
            f"{result['mean_diff']:+.3f}", "< 0", details)
     record("quality", f"seeds where TLCR's planted share is lower at step {last}",

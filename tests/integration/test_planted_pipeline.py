@@ -19,9 +19,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 def test_planted_pipeline_discriminator_separates_planted_tokens(tmp_path, tiny_model_dir):
     run_dir = tmp_path / "run"
     overrides = [f"output_dir={run_dir}", f"model.base={tiny_model_dir}", "data.max_pairs=160",
-                 "sft.epochs=1", "disc.epochs=3", "disc.lr=3e-3", "pipeline.ppo_modes=[continuous]",
+                 "sft.epochs=1", "disc.epochs=3", "disc.lr=3.0e-3", "pipeline.ppo_modes=[continuous]",
                  "pipeline.eval_prompts=8", "pipeline.heatmap_samples=2", "ppo.steps=2", "ppo.prompts_per_step=8",
-                 "ppo.mini_batch_size=8", "ppo.ppo_epochs=1", "model.max_response_len=16"]
+                 "ppo.mini_batch_size=8", "ppo.ppo_epochs=1"]
     cmd = [sys.executable, "-m", "tlcr_ray.cli", "pipeline", "--config", str(REPO / "configs" / "planted.yaml"),
            *[x for kv in overrides for x in ("--set", kv)]]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
