@@ -43,7 +43,7 @@ def _tlcr(*args: str, log) -> float:
 
 
 def run_seeds(config: str, out: Path, seeds: list[int], steps: int | None,
-              pipeline_modes: list[str] | None = None) -> dict:
+              pipeline_modes: list[str] | None = None, skip_pipeline: bool = False) -> dict:
     """Every run the figures need (skipping finished ones); -> {"wall_s": {...}}."""
     out.mkdir(parents=True, exist_ok=True)
     base = out / f"seed-{seeds[0]}"
@@ -53,7 +53,8 @@ def run_seeds(config: str, out: Path, seeds: list[int], steps: int | None,
     with open(out / "runs.log", "a") as log:
         sets = [x for kv in [f"output_dir={base}", f"ppo.seed={seeds[0]}", f"ppo.heldout_seed={seeds[0]}",
                              *common, *modes] for x in ("--set", kv)]
-        wall["pipeline"] = _tlcr("pipeline", "--config", config, *sets, log=log)
+        if not skip_pipeline:
+            wall["pipeline"] = _tlcr("pipeline", "--config", config, *sets, log=log)
         layout = RunLayout(base)
         for seed in seeds[1:]:
             for mode in MODES:
@@ -136,6 +137,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="PPO steps per run (default: the config's ppo.steps)")
     parser.add_argument("--summarize-only", action="store_true",
                         help="run nothing: summarize the seeds under --out whose two runs have finished")
+    parser.add_argument("--skip-pipeline", action="store_true",
+                        help="the first seed's pipeline has run (its SFT, disc and RM exist): run only the other "
+                             "seeds (e.g. a second bench process beside one that runs the pipeline)")
+    parser.add_argument("--no-record", action="store_true", help="print, but append nothing to BENCHMARKS.md")
     parser.add_argument("--pipeline-modes", nargs="+", choices=["continuous", "sequence", "fixed"],
                         help="PPO modes of seed 0's pipeline (default: the config's pipeline.ppo_modes; "
                              "continuous and sequence are needed)")
@@ -147,7 +152,9 @@ def main() -> None:
         stages = json.loads(RunLayout(out / f"seed-{args.seeds[0]}").pipeline_record.read_text())["stages"]
         wall = {"pipeline": sum(info.get("seconds", 0) for info in stages.values())}
     else:
-        wall = run_seeds(args.config, out, args.seeds, args.steps, args.pipeline_modes)["wall_s"]
+        wall = run_seeds(args.config, out, args.seeds, args.steps, args.pipeline_modes, args.skip_pipeline)["wall_s"]
+        if args.skip_pipeline:
+            args.seeds = args.seeds[1:]
     curves = collect(out, args.seeds)
     result = summarize(curves, args.config, wall)
     total = time.time() - start
@@ -162,6 +169,8 @@ def main() -> None:
     where = "summarized from finished runs" if args.summarize_only else f"wall {total:.0f} s"
     details = (f"{args.config}, {n} paired seeds, {last} PPO steps each; {per_seed}; {where} "
                f"(seed {args.seeds[0]}'s pipeline {wall.get('pipeline', 0):.0f} s) on a shared machine")
+    if args.no_record:
+        return
     record("quality", f"planted-phrase share, TLCR - PPO-seq at step {last} (mean of {n} paired seeds)",
            f"{result['mean_diff']:+.3f}", "< 0", details)
     record("quality", f"seeds where TLCR's planted share is lower at step {last}",
