@@ -119,13 +119,14 @@ def summarize(curves: dict, config: str, wall: dict) -> dict:
             kls = " ".join("-" if p["kl"] is None else f"{p['kl']:.3f}" for p in pts)
             print(f"  seed {seed} {MODES[mode]:8s} share: {shares}\n  {'':15s} kl:    {kls}")
     diffs = {s: curves[s]["continuous"][last]["share"] - curves[s]["sequence"][last]["share"] for s in seeds}
+    step = curves[seeds[0]]["continuous"][last]["step"]
     favour = sum(d < 0 for d in diffs.values())
     ties = sum(d == 0 for d in diffs.values())
     mean_diff = sum(diffs.values()) / len(diffs)
-    print(f"step {last}: paired difference TLCR - PPO-seq per seed: "
+    print(f"step {step}: paired difference TLCR - PPO-seq per seed: "
           + ", ".join(f"{s}: {d:+.3f}" for s, d in diffs.items()) + f"; mean {mean_diff:+.3f}; "
           f"{favour}/{len(seeds)} seeds favour TLCR ({ties} ties)")
-    return {"last_step": last, "diffs": diffs, "favour_tlcr": favour, "ties": ties, "mean_diff": mean_diff,
+    return {"last": last, "last_step": step, "diffs": diffs, "favour_tlcr": favour, "ties": ties, "mean_diff": mean_diff,
             "wall": wall}
 
 
@@ -161,19 +162,19 @@ def main() -> None:
     plot(curves, out / "quality.png")
     (out / "quality.json").write_text(json.dumps({"curves": curves, **result, "wall_total_s": round(total, 1)},
                                                  indent=2))
-    n, last = len(args.seeds), result["last_step"]
+    n, last, step = len(args.seeds), result["last"], result["last_step"]
     per_seed = "; ".join(
         f"seed {s}: TLCR {curves[s]['continuous'][last]['share']:.3f} vs PPO-seq {curves[s]['sequence'][last]['share']:.3f}"
         f" (step 0 {curves[s]['continuous'][0]['share']:.3f}, KL {curves[s]['continuous'][last]['kl']:.3f} vs "
         f"{curves[s]['sequence'][last]['kl']:.3f})" for s in args.seeds)
     where = "summarized from finished runs" if args.summarize_only else f"wall {total:.0f} s"
-    details = (f"{args.config}, {n} paired seeds, {last} PPO steps each; {per_seed}; {where} "
+    details = (f"{args.config}, {n} paired seeds, {step} PPO steps each; {per_seed}; {where} "
                f"(seed {args.seeds[0]}'s pipeline {wall.get('pipeline', 0):.0f} s) on a shared machine")
     if args.no_record:
         return
-    record("quality", f"planted-phrase share, TLCR - PPO-seq at step {last} (mean of {n} paired seeds)",
+    record("quality", f"planted-phrase share, TLCR - PPO-seq at step {step} (mean of {n} paired seeds)",
            f"{result['mean_diff']:+.3f}", "< 0", details)
-    record("quality", f"seeds where TLCR's planted share is lower at step {last}",
+    record("quality", f"seeds where TLCR's planted share is lower at step {step}",
            f"{result['favour_tlcr']}/{n}", "", f"{result['ties']} ties; " + details)
 
 

@@ -21,7 +21,7 @@ def test_planted_pipeline_discriminator_separates_planted_tokens(tmp_path, tiny_
     overrides = [f"output_dir={run_dir}", f"model.base={tiny_model_dir}", "data.max_pairs=160",
                  "sft.epochs=1", "disc.epochs=3", "disc.lr=3.0e-3", "pipeline.ppo_modes=[continuous]",
                  "pipeline.eval_prompts=8", "pipeline.heatmap_samples=2", "ppo.steps=2", "ppo.prompts_per_step=8",
-                 "ppo.mini_batch_size=8", "ppo.ppo_epochs=1"]
+                 "ppo.mini_batch_size=8", "ppo.ppo_epochs=1", "ppo.heldout_every=1"]
     cmd = [sys.executable, "-m", "tlcr_ray.cli", "pipeline", "--config", str(REPO / "configs" / "planted.yaml"),
            *[x for kv in overrides for x in ("--set", kv)]]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
