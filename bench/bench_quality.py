@@ -92,13 +92,15 @@ def plot(curves: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
     for mode, color in (("continuous", "tab:blue"), ("sequence", "tab:orange")):
         series = [[p["share"] for p in curves[s][mode]] for s in curves]
+        steps = [p["step"] for p in curves[next(iter(curves))][mode]]
         for seed, ys in zip(curves, series):
-            ax.plot(range(len(ys)), ys, color=color, alpha=0.3, linewidth=1)
+            ax.plot(steps[:len(ys)], ys, color=color, alpha=0.3, linewidth=1)
         n = min(map(len, series))
         mean = np.mean([ys[:n] for ys in series], axis=0)
-        ax.plot(range(n), mean, color=color, marker="o", markersize=3, linewidth=2,
+        ax.plot(steps[:n], mean, color=color, marker="o", markersize=3, linewidth=2,
                 label=f"{MODES[mode]} (mean of {len(series)} seeds)")
     ax.set_xlabel("PPO step (0 = SFT policy)")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("share of held-out replies")
     ax.set_title("replies holding a planted phrase (lower is better)")
     ax.grid(alpha=0.3)
