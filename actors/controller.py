@@ -32,7 +32,8 @@ from tlcr_ray.placement import ppo_placement
 from tlcr_ray.oom import OutOfMemory, find_oom, oom_message
 from tlcr_ray.plan import require_fit
 from tlcr_ray.rl.batch import RolloutBatch, merge_batches, split_rows
-from tlcr_ray.rl.loop_state import initial_state, response_mask, sample_prompts, saved_state, step_metrics, sync_check
+from tlcr_ray.rl.loop_state import (heldout_metrics, initial_state, response_mask, sample_prompts, saved_state,
+                                    step_metrics, sync_check)
 from tlcr_ray.rl.ppo_math import KL_ESTIMATORS, advantages_from_rollout, remax_advantages
 from tlcr_ray.rl.rewards import MODES, apply_missing_eos_penalty
 from tlcr_ray.rl.rollout import resolve_backend
@@ -45,12 +46,29 @@ class PPOLoop:
     """One attempt of the PPO loop over live actor groups; raises on a lost actor (`run` recovers)."""
 
     def __init__(self, cfg: Config, groups: ActorGroups, prompts: list[list[int]], pad_id: int,
-                 ckpts: CheckpointDir, metrics: MetricsLog, export_dir: Path | None = None):
-        """`export_dir`: where ppo.export_every writes the policy (replaced each time)."""
+                 ckpts: CheckpointDir, metrics: MetricsLog, export_dir: Path | None = None,
+                 heldout: tuple[list[list[int]], object] | None = None):
+        """`export_dir`: where ppo.export_every writes the policy (replaced each time). `heldout`: (held-out
+        prompt ids, the tokenizer) for the `ppo.heldout_every` probe, or None."""
         self.cfg, self.ppo, self.groups, self.prompts, self.pad_id = cfg, cfg.ppo, groups, prompts, pad_id
-        self.ckpts, self.metrics, self.export_dir = ckpts, metrics, export_dir
+        self.ckpts, self.metrics, self.export_dir, self.heldout = ckpts, metrics, export_dir, heldout
         self.synced = False
         self.hooks = PhaseHooks.for_groups(groups, metrics)  # ppo.colocate all's sleep/offload; else no-ops
+
+    def probe_heldout(self) -> dict:
+        """Sample one reply per held-out prompt on rollout 0 (fixed seeds, in rollout-sized batches) -> the
+        `heldout_*` metrics."""
+        prompt_ids, tokenizer = self.heldout
+        ppo, size = self.ppo, self.ppo.prompts_per_step  # a rollout batch's size: its memory is known to fit
+        responses, seconds = [], 0.0
+        for k in range(0, len(prompt_ids), size):
+            batch, s = ray.get(self.groups.rollouts[0].generate.remote(
+                prompt_ids[k:k + size], self.cfg.model.max_response_len, ppo.temperature, ppo.top_p,
+                ppo.heldout_seed + k, ppo.stop))
+            responses += batch.response_ids
+            seconds += s
+        texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in responses]
+        return {**heldout_metrics(texts, [len(ids) for ids in responses]), "time_heldout": seconds}
 
     def step(self, state: dict) -> dict:
         ppo, g = self.ppo, self.groups
@@ -199,9 +217,14 @@ class PPOLoop:
         with tqdm(total=self.ppo.steps, initial=state["step"], desc=f"ppo-{RunLayout.ppo_run_name(self.cfg)}",
                   unit="step", dynamic_ncols=True) as bar:
             self.hooks.start()
+            every = self.ppo.heldout_every if self.heldout else 0
+            if every and state["step"] == 0:  # the initial policy's value: the curve's step 0
+                self.metrics.write(0, self.probe_heldout())
             while state["step"] < self.ppo.steps:
                 row = self.step(state)
                 state["step"] += 1
+                if every and (state["step"] % every == 0 or state["step"] == self.ppo.steps):
+                    row.update(self.probe_heldout())  # after the sync: the updated policy
                 # Metrics first: a crash before the checkpoint completes rolls both back together.
                 self.metrics.write(state["step"], row)
                 # The last step's resumable state would be deleted at once unless ppo.keep_resume_state:
@@ -266,7 +289,7 @@ def run(cfg: Config, args=None) -> dict:
     if not rl_pairs:
         raise ConfigError(f"data.path {cfg.data.path}: the rl partition has no prompts")
     # The report's held-out prompts (pipeline.eval_prompts) are carved out: PPO never trains on them.
-    pairs, _ = rl_prompt_pools(rl_pairs, cfg.pipeline.eval_prompts)
+    pairs, held_out = rl_prompt_pools(rl_pairs, cfg.pipeline.eval_prompts)
     prompts = encode_prompts(tokenizer, [p.prompt for p in pairs], cfg.model.max_prompt_len)
     finished = finished_export(paths.model, cfg.ppo.steps)
     # A finished run whose resumable state was deleted at its end (ppo.keep_resume_state false).
@@ -275,6 +298,9 @@ def run(cfg: Config, args=None) -> dict:
               "(delete it, or set ppo.resume=never, to train again)", flush=True)
         rows = read_step_rows(paths.metrics) if paths.metrics.exists() else []
         return _summary(cfg, paths, rows, finished["step"], 0, 0.0)
+    heldout = None
+    if cfg.ppo.heldout_every and held_out:
+        heldout = (encode_prompts(tokenizer, [p.prompt for p in held_out], cfg.model.max_prompt_len), tokenizer)
     ensure_ray()
     failures, started = 0, time.perf_counter()
     while True:
@@ -286,7 +312,7 @@ def run(cfg: Config, args=None) -> dict:
             groups = ActorGroups(cfg, policy_dir, str(ckpt / "hf") if ckpt else policy_dir, reward_dir, failures)
             if ckpt is not None:
                 get_all(groups.learners.load_checkpoint(str(ckpt)))
-            PPOLoop(cfg, groups, prompts, tokenizer.pad_token_id, ckpts, metrics, paths.export).run(state)
+            PPOLoop(cfg, groups, prompts, tokenizer.pad_token_id, ckpts, metrics, paths.export, heldout).run(state)
             get_all(groups.learners.export_hf(str(paths.model), state["step"], True))  # atomic, streamed
             break
         except Exception as exc:

@@ -14,6 +14,7 @@
     tlcr pipeline   --config configs/demo.yaml [--force]
     tlcr plan       --config configs/a100-7b.yaml [--gpu a100-80gb | --gpu-memory-gib 80] [--json]
     tlcr report     runs/demo
+    tlcr make-planted --output planted.jsonl [--source data/hh-rlhf/harmless-base/test.jsonl.gz --seed 0]
 
 This is the only module of `tlcr_ray` that reaches into the Ray layers (`actors`, `serve`), and only
 inside the subcommands that need them, so `tlcr label` never loads Ray.
@@ -99,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     p = sub.add_parser("report", help="plots, token heat-map and report.md for a run folder")
     p.add_argument("run_dir")
+    p = sub.add_parser("make-planted", help="write the known-truth planted-phrase preference set (tlcr_ray.data.planted)")
+    p.add_argument("--source", default="data/hh-rlhf/harmless-base/test.jsonl.gz", help="HH-format pairs to plant into")
+    p.add_argument("--output", required=True, help="JSONL to write (usable as data.path)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--substitute", type=float, default=0.2, help="share of pairs with a word made worse instead")
     return parser
 
 
@@ -123,6 +129,10 @@ def dispatch(args: argparse.Namespace) -> dict | None:
         from tlcr_ray.eval.report import write_report
 
         return write_report(args.run_dir)
+    if args.command == "make-planted":
+        from tlcr_ray.data.planted import write_planted
+
+        return write_planted(args.source, args.output, seed=args.seed, substitute=args.substitute)
     cfg = load_config(args.config, args.overrides)
     if args.command == "eval":
         return importlib.import_module(EVAL_TARGETS[args.target]).run_cli(cfg, args)

@@ -166,6 +166,10 @@ class TrainConfig:
     """Worker crashes Ray Train recovers from (restarting from the latest checkpoint)."""
     labels_path: str | None = None
     """Discriminator only: token labels JSONL (None: `<output_dir>/label/labels.jsonl`)."""
+    rejected_fraction: float = bounded(0.0, ge=0.0, le=1.0)
+    """SFT only: share of the SFT pairs (picked by a seeded hash of the pair id) whose rejected response is
+    the training target instead of the chosen one: a known bad habit for PPO to remove (the planted
+    benchmark, configs/planted.yaml). 0: the paper's SFT on chosen responses."""
 
 
 @dataclass
@@ -338,6 +342,14 @@ class PPOConfig:
     sync_logprob_err / sync_logprob_change; three extra forwards)."""
     sync_check_every: int = bounded(10, ge=1)
     """The sync check runs after the first step's sync and then after every Nth step (1: every step)."""
+    heldout_every: int = bounded(0, ge=0)
+    """Every N PPO steps (and before the first, as step 0) rollout 0 samples one reply to each held-out
+    prompt (the `pipeline.eval_prompts` carved out of the RL partition, never trained on) with seed
+    `ppo.heldout_seed`, and the step's metrics row gets `heldout_planted_share` (the share holding a
+    planted phrase: the planted benchmark's gold metric, tlcr_ray.data.planted), `heldout_len` and the
+    replies. 0: off."""
+    heldout_seed: int = 0
+    """Sampling seed of the held-out probe: the same at every step and in every mode (paired)."""
     resume: str = choice("auto", RESUME)
     """auto (continue from the last checkpoint if any) or never."""
     max_failures: int = 3

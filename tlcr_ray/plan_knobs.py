@@ -6,7 +6,7 @@ re-planned (`plan._group`); the first setting of each knob that fits is reported
 """
 from __future__ import annotations
 
-from tlcr_ray.plan import GIB, _backend, _group, _with
+from tlcr_ray.plan import _backend, _group, _with
 from tlcr_ray.plan_models import ModelShape
 
 

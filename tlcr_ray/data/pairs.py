@@ -8,7 +8,8 @@ A row holds two full dialogues, `chosen` and `rejected` ("\\n\\nHuman: ...\\n\\n
 is `chosen` up to and including its last "\\n\\nAssistant:"; the responses are the rest, kept verbatim
 (the leading space after "Assistant:" included). When the two dialogues already differ before that
 turn, the prompt is their longest common prefix cut back to its last "\\n\\nAssistant:" (docs/algorithm.md §1).
-Sources: .jsonl, .jsonl.gz, .parquet, or `hf:<hub id>` (needs `pip install datasets`).
+Sources: .jsonl, .jsonl.gz, .parquet, `hf:<hub id>` (needs `pip install datasets`), or `planted:<source>`
+(the known-truth planted-phrase set made from another source on load: `tlcr_ray.data.planted`).
 """
 from __future__ import annotations
 
@@ -134,6 +135,10 @@ def _hub_rows(hub_id: str, split: str) -> Iterator[tuple[int, dict]]:
 def _raw_rows(path: str, hub_split: str) -> Iterator[tuple[int, dict | _BadRow]]:
     if path.startswith("hf:"):
         return _hub_rows(path[3:], hub_split)
+    if path.startswith("planted:"):  # generated on load from another source: tlcr_ray.data.planted
+        from tlcr_ray.data.planted import planted_rows
+
+        return enumerate(planted_rows(path[len("planted:"):]), 1)
     if not os.path.exists(path):
         raise DataError(f"{path}: file not found")
     if path.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")):

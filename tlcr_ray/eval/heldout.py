@@ -27,24 +27,43 @@ def _batches(items: list, size: int, desc: str):
                 leave=False)
 
 
+def _auc(low: torch.Tensor, high: torch.Tensor) -> float | None:
+    """P(a score of `low` < a score of `high`), ties counting half (the Mann-Whitney AUC); None if either is empty."""
+    if not len(low) or not len(high):
+        return None
+    high = high.sort().values
+    above = len(high) - torch.searchsorted(high, low, right=True)
+    tied = torch.searchsorted(high, low, right=True) - torch.searchsorted(high, low, right=False)
+    return float((above.sum() + 0.5 * tied.sum()) / (len(low) * len(high)))
+
+
 @torch.no_grad()
 def disc_token_metrics(model, examples: list[dict], pad_id: int, batch_size: int = 8) -> dict:
-    """Accuracy over non-neutral labelled tokens (p > 0.5 <=> label 1), and recall of each class."""
+    """Accuracy over non-neutral labelled tokens (p > 0.5 <=> label 1), the recall of each class, and
+    `negative_vs_neutral_auc`: how well p ranks the negative tokens (label 0) below the neutral ones
+    (0.5 is chance). On the planted benchmark the negatives are exactly the planted tokens, so this is
+    the discriminator's separation of planted from other tokens, which a discriminator that calls
+    every token bad (negative recall 1) does not have."""
     model.eval()
     counts = {"pos": 0, "pos_hit": 0, "neg": 0, "neg_hit": 0}
+    neg_logits, neutral_logits = [], []
     for chunk in _batches(examples, batch_size, "eval disc tokens"):
         batch = stages.collate("disc", chunk, pad_id)
-        predicted_good = model(batch["input_ids"], batch["attention_mask"]) > 0
+        logits = model(batch["input_ids"], batch["attention_mask"])
+        predicted_good = logits > 0
         targets = batch["targets"]
         counts["pos"] += int((targets == 1).sum())
         counts["pos_hit"] += int(((targets == 1) & predicted_good).sum())
         counts["neg"] += int((targets == 0).sum())
         counts["neg_hit"] += int(((targets == 0) & ~predicted_good).sum())
+        neg_logits.append(logits[targets == 0].float())
+        neutral_logits.append(logits[targets == 0.5].float())
     decided = counts["pos"] + counts["neg"]
     return {
         "token_accuracy": (counts["pos_hit"] + counts["neg_hit"]) / decided if decided else None,
         "positive_recall": counts["pos_hit"] / counts["pos"] if counts["pos"] else None,
         "negative_recall": counts["neg_hit"] / counts["neg"] if counts["neg"] else None,
+        "negative_vs_neutral_auc": _auc(torch.cat(neg_logits), torch.cat(neutral_logits)) if examples else None,
         "positive_tokens": counts["pos"], "negative_tokens": counts["neg"], "sequences": len(examples),
     }
 

@@ -26,6 +26,7 @@ CURVES = [
     ("length", "response length (tokens)", "response_len"),
     ("perplexity", "perplexity of sampled responses", "perplexity"),
     ("entropy", "policy entropy (per token)", "entropy"),
+    ("planted", "held-out replies with a planted phrase (share)", "heldout_planted_share"),  # ppo.heldout_every
 ]
 # A PPO run's folder suffix (`ppo-<mode>`, `ppo-remax`) -> the method's name in the report.
 RUN_LABELS = {m.run_name.removeprefix("ppo-"): m.label for m in METHODS.values() if not m.stage}

@@ -92,8 +92,29 @@ def embedded_model_dir() -> Path:
     return _convert_once(cache_dir() / "models" / EMBEDDED_FOLDER, "config.json", write)
 
 
+RANDOM_PREFIX = "random-init:llama-"
+
+
+def random_init_model_dir(shape: str) -> Path:
+    """`<hidden>x<layers>` -> a random-init Llama of that shape with the SmolLM2 tokenizer (seed 0), built
+    once under the cache: a small stand-in for a base model where 135M is too slow (configs/planted.yaml)."""
+    try:
+        hidden, layers = (int(x) for x in shape.split("x"))
+    except ValueError:
+        raise ValueError(f"{RANDOM_PREFIX}{shape}: expected {RANDOM_PREFIX}<hidden>x<layers>, "
+                         f"e.g. {RANDOM_PREFIX}128x2") from None
+    from tlcr_ray.testing.tiny_model import build_tiny_llama
+
+    return _convert_once(cache_dir() / "models" / f"random-llama-{hidden}x{layers}", "config.json",
+                         lambda tmp: build_tiny_llama(tmp, embedded_tokenizer_dir(), seed=0, hidden=hidden,
+                                                      layers=layers, atomic=False))
+
+
 def resolve_model(name_or_path: str) -> str:
-    """`embedded:smollm2-135m-instruct` -> the converted folder; a local folder -> itself; else a hub id."""
+    """`embedded:smollm2-135m-instruct` -> the converted folder; `random-init:llama-128x2` -> a random-init
+    Llama of that shape (built once); a local folder -> itself; else a hub id."""
+    if name_or_path.startswith(RANDOM_PREFIX):
+        return str(random_init_model_dir(name_or_path[len(RANDOM_PREFIX):]))
     if name_or_path.startswith(EMBEDDED_PREFIX):
         name = name_or_path[len(EMBEDDED_PREFIX):]
         if name != EMBEDDED_NAME:

@@ -75,6 +75,16 @@ def step_metrics(rewards: torch.Tensor, mask: torch.Tensor, adv: dict, old_logpr
     }
 
 
+def heldout_metrics(texts: list[str], lengths: list[int]) -> dict:
+    """The `ppo.heldout_every` probe's metrics from its sampled replies (text and token count each):
+    `heldout_planted_share` (share holding a phrase of `tlcr_ray.data.planted.PHRASES`, the planted
+    benchmark's gold metric; ~0 on other data), `heldout_len` and the replies themselves."""
+    from tlcr_ray.data.planted import planted_share
+
+    return {"heldout_planted_share": planted_share(texts), "heldout_len": float(np.mean(lengths)) if lengths else 0.0,
+            "heldout_replies": texts}
+
+
 def sync_check(learner_logprobs: list[float], rollout_before: list[float], rollout_after: list[float]) -> dict:
     """One probe sequence scored by the learner and by a rollout engine before and after a sync:
     `sync_logprob_err` (engine vs learner, ~0 when the sync worked) and `sync_logprob_change`

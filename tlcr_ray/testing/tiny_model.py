@@ -10,8 +10,9 @@ from tlcr_ray.models.loading import load_tokenizer
 
 
 def build_tiny_llama(path: str | Path, tokenizer_dir: str | Path, seed: int = 0, hidden: int = 64,
-                     layers: int = 2) -> Path:
-    """A random-init Llama with the SmolLM2 tokenizer (tied embeddings, like SmolLM2), saved at `path`."""
+                     layers: int = 2, atomic: bool = True) -> Path:
+    """A random-init Llama with the SmolLM2 tokenizer (tied embeddings, like SmolLM2), saved at `path`
+    (`atomic=False`: straight into `path`, for a caller that already writes into a temp folder)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = load_tokenizer(str(tokenizer_dir))
@@ -24,6 +25,10 @@ def build_tiny_llama(path: str | Path, tokenizer_dir: str | Path, seed: int = 0,
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     path = Path(path)
+    if not atomic:
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        return path
     with atomic_folder(path) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

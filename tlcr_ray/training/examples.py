@@ -37,11 +37,20 @@ def encode_example(tokenizer, model_cfg, prompt: str, response: str, add_eos: bo
     return list(enc.input_ids), enc.response_start
 
 
-def sft_examples(pairs, tokenizer, model_cfg, max_len: int) -> list[dict]:
-    """Prompt + chosen response (+ eos); `labels` = token ids on the response, IGNORE on the prompt."""
+def takes_rejected(pair_id: str, fraction: float, seed: int) -> bool:
+    """Whether SFT trains on this pair's rejected response (`sft.rejected_fraction`), by a seeded hash."""
+    digest = hashlib.sha1(f"sft-rejected:{seed}:{pair_id}".encode()).hexdigest()
+    return int(digest[:12], 16) / 16**12 < fraction
+
+
+def sft_examples(pairs, tokenizer, model_cfg, max_len: int, rejected_fraction: float = 0.0,
+                 seed: int = 0) -> list[dict]:
+    """Prompt + chosen response (+ eos); `labels` = token ids on the response, IGNORE on the prompt. A
+    `rejected_fraction` share of the pairs (`takes_rejected`) trains on the rejected response instead."""
     out = []
     for pair in pairs:
-        ids, start = encode_example(tokenizer, model_cfg, pair.prompt, pair.chosen, add_eos=True)
+        response = pair.rejected if takes_rejected(pair.pair_id, rejected_fraction, seed) else pair.chosen
+        ids, start = encode_example(tokenizer, model_cfg, pair.prompt, response, add_eos=True)
         labels = [IGNORE] * start + ids[start:]
         ids, labels = truncate(ids, labels, start, max_len)
         if any(label != IGNORE for label in labels[1:]):  # position 0 has nothing before it to predict from
@@ -158,8 +167,12 @@ def stage_examples(cfg, stage: str, tokenizer) -> tuple[list[dict], list[dict], 
         if stage == "dpo" and train_cfg.max_pairs is not None:
             pairs = pairs[:train_cfg.max_pairs]
             stats = {**stats, "dpo_max_pairs": train_cfg.max_pairs}
-        build = {"sft": sft_examples, "rm": rm_examples, "dpo": dpo_examples}[stage]
-        examples = build(pairs, tokenizer, cfg.model, train_cfg.max_len)
+        if stage == "sft":
+            examples = sft_examples(pairs, tokenizer, cfg.model, train_cfg.max_len, train_cfg.rejected_fraction,
+                                    train_cfg.seed)
+        else:
+            build = {"rm": rm_examples, "dpo": dpo_examples}[stage]
+            examples = build(pairs, tokenizer, cfg.model, train_cfg.max_len)
     train, heldout = split_heldout(examples, train_cfg.eval_fraction, train_cfg.seed)
     if not train:
         raise ValueError(f"{stage}: no training examples ({stats})")

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from tlcr_ray.config import TrainConfig
-from tlcr_ray.io import atomic_folder
 from tlcr_ray.layout import POLICY_STAGES
 from tlcr_ray.models import (
     SequenceRewardModel,
@@ -27,7 +26,6 @@ from tlcr_ray.models import (
     enable_gradient_checkpointing,
     load_policy,
     load_tokenizer,
-    save_head_model,
 )
 from tlcr_ray.oom import maybe_inject_oom
 from tlcr_ray.tracking import MetricsLog
