@@ -217,13 +217,13 @@ class PPOLoop:
         with tqdm(total=self.ppo.steps, initial=state["step"], desc=f"ppo-{RunLayout.ppo_run_name(self.cfg)}",
                   unit="step", dynamic_ncols=True) as bar:
             self.hooks.start()
-            every = self.ppo.heldout_every if self.heldout else 0
-            if every and state["step"] == 0:  # the initial policy's value: the curve's step 0
+            probe_every = self.ppo.heldout_every if self.heldout else 0
+            if probe_every and state["step"] == 0:  # the initial policy's value: the curve's step 0
                 self.metrics.write(0, self.probe_heldout())
             while state["step"] < self.ppo.steps:
                 row = self.step(state)
                 state["step"] += 1
-                if every and (state["step"] % every == 0 or state["step"] == self.ppo.steps):
+                if probe_every and (state["step"] % probe_every == 0 or state["step"] == self.ppo.steps):
                     row.update(self.probe_heldout())  # after the sync: the updated policy
                 # Metrics first: a crash before the checkpoint completes rolls both back together.
                 self.metrics.write(state["step"], row)
@@ -233,8 +233,9 @@ class PPOLoop:
                 if state["step"] % self.ppo.checkpoint_every == 0 or (last and self.ppo.keep_resume_state):
                     with self.hooks.learner_resident():
                         self.checkpoint(state)
-                every = self.ppo.export_every
-                if every and self.export_dir and state["step"] % every == 0 and state["step"] < self.ppo.steps:
+                export_every = self.ppo.export_every
+                if export_every and self.export_dir and state["step"] % export_every == 0 \
+                        and state["step"] < self.ppo.steps:
                     with self.hooks.learner_resident():
                         get_all(self.groups.learners.export_hf(str(self.export_dir), state["step"]))
                 bar.update(1)
