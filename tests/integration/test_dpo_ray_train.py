@@ -18,7 +18,8 @@ def test_dpo_reference_logps_once_across_a_crash_and_a_rerun(ray_local, tiny_mod
     run = tmp_path / "run"
     cfg = load_config("configs/tiny.yaml", [
         f"output_dir={run}", f"model.base={tiny_model_dir}", "dpo.num_workers=2", "dpo.max_pairs=16",
-        "dpo.max_steps=6", "dpo.checkpoint_every=2", "dpo.micro_batch_size=2", "dpo.max_failures=1"])
+        "dpo.max_steps=6", "dpo.checkpoint_every=2", "dpo.micro_batch_size=2", "dpo.max_failures=1",
+        "dpo.keep_resume_state=true"])  # the rerun below restores the finished checkpoint
     monkeypatch.setenv(FAIL_AT_STEP_ENV, "5")  # crash after the step-4 checkpoint; Ray restarts both workers
     summary = run_dpo(cfg)
 
