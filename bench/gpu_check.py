@@ -334,6 +334,17 @@ def measure_tokens_per_s(model_dir: str, device: torch.device, dtype: str, batch
 
 # ---------------------------------------------------------------- main
 
+def finish(env: str) -> int:
+    """Close the process group, print the checks' tally (and each failure) -> the exit code."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    failed = [name for name, ok, _ in RESULTS if not ok]
+    print(f"\n{len(RESULTS) - len(failed)}/{len(RESULTS)} checks passed on {env}")
+    for name in failed:
+        print(f"FAILED: {name}")
+    return 1 if failed else 0
+
+
 def environment() -> str:
     import deepspeed
     import transformers
@@ -400,13 +411,7 @@ def main() -> int:
             record("gpu_check", f"HFRollout / bare model.generate tokens/s, 135M-shaped {dtype}, batch 32",
                    f"{rate / bare:.2f}x", details=f"{env}; bare {bare:,.0f} tok/s: no per-step logits kept or copied")
 
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    failed = [name for name, ok, _ in RESULTS if not ok]
-    print(f"\n{len(RESULTS) - len(failed)}/{len(RESULTS)} checks passed on {env}")
-    for name in failed:
-        print(f"FAILED: {name}")
-    return 1 if failed else 0
+    return finish(env)
 
 
 if __name__ == "__main__":

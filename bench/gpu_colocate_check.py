@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import record  # noqa: E402
 from bench.gpu_check import (  # noqa: E402
-    RESULTS,
     build_models,
     check,
     environment,
+    finish,
     free_memory,
     init_method,
     max_abs_diff,
@@ -155,13 +155,7 @@ def main() -> int:
                 check_handover(label, model_dir, dtype, learner, batch, pad_id, device, env)
             del learner
             free_memory()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    failed = [name for name, ok, _ in RESULTS if not ok]
-    print(f"\n{len(RESULTS) - len(failed)}/{len(RESULTS)} checks passed on {env}")
-    for name in failed:
-        print(f"FAILED: {name}")
-    return 1 if failed else 0
+    return finish(env)
 
 
 if __name__ == "__main__":
