@@ -1,7 +1,7 @@
 """Streamed ZeRO-3 gather (docs: tlcr_ray/training/gather.py): 2 real DeepSpeed ranks on CPU export a
 policy bucket by bucket; the folder reloads with exactly the engine's weights, an HF rollout engine fed
-the same buckets holds them too, and no rank ever held more than one bucket + the largest parameter
-gathered (the whole-model export, measured the same way, holds all of it).
+the same buckets holds them too, rank 0 never held more than one bucket + the largest parameter gathered
+(the other rank nothing) (the whole-model export, measured the same way, holds all of it).
 
     .venv/bin/python -m pytest tests/integration/test_streamed_gather.py -q
 """
@@ -27,9 +27,10 @@ def test_zero3_export_streams_bounded_buckets_and_reloads_identically(tmp_path, 
 
     ranks = launch(deeper_tiny_model, tmp_path / "streamed", "streamed", BUCKET_MIB, world=2)
     bound = int(BUCKET_MIB * 2**20) + ranks[0]["largest_param_bytes"]
-    for r in ranks:
-        assert 0 < r["max_gathered_bytes"] <= bound, r
-        assert r["max_gathered_bytes"] < r["model_bytes"], r
+    assert 0 < ranks[0]["max_gathered_bytes"] <= bound, ranks[0]
+    assert ranks[0]["max_gathered_bytes"] < ranks[0]["model_bytes"], ranks[0]
+    # On gloo the pieces go to rank 0 alone: the other rank never holds a gathered parameter.
+    assert ranks[1]["max_gathered_bytes"] == 0, ranks[1]
     assert ranks[0]["rollout_matches"] is True
 
     folder = tmp_path / "streamed" / "export"

@@ -10,8 +10,8 @@ Rank 0 also writes OUT/reference.pt (every weight, gathered after the export, fo
 and, for `streamed`, loads the same buckets into an `HFRollout` and records whether it then holds
 exactly those weights.
 
-Measured per rank: the largest sum of full-size parameters DeepSpeed held gathered (ZeRO status
-AVAILABLE) at any moment the consumer saw a bucket (`max_gathered_bytes`; for `whole`, all of them);
+Measured per rank: the largest sum of full-size parameters held gathered at any moment the consumer
+saw a bucket (DeepSpeed's, ZeRO status AVAILABLE, or the gloo path's own buffers) (`max_gathered_bytes`; for `whole`, all of them);
 the RSS high-water rise over the export (`/proc/self/status` VmHWM after resetting it through
 /proc/self/clear_refs); the largest parameter; and the bucket size.
 """
@@ -45,6 +45,14 @@ def gathered_bytes(module) -> int:
     from tlcr_ray.training.gather import param_bytes
 
     return sum(param_bytes(p) for p in module.parameters() if getattr(p, "ds_status", None) == ZeroParamStatus.AVAILABLE)
+
+
+def _bucket_bytes(bucket) -> int:
+    """Bytes of the distinct buffers a yielded bucket holds (the gloo path's own gathered copies)."""
+    if bucket is None:
+        return 0
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in bucket.values()}
+    return sum(storages.values())
 
 
 def _whole_model_export(learner, path: str) -> int:
@@ -95,7 +103,7 @@ def run_rank(args) -> None:
         def watched(*a, **k):  # the consumer's view: what is gathered whenever it holds a bucket
             nonlocal max_held
             for bucket in original(*a, **k):
-                max_held = max(max_held, gathered_bytes(module))
+                max_held = max(max_held, gathered_bytes(module), _bucket_bytes(bucket))
                 yield bucket
 
         learner.state_buckets = watched

@@ -6,12 +6,14 @@
     write_hf_folder(state_buckets(...), "runs/x/model", module=engine.module, rank=rank)
 
 Every rank must drain the generator: under ZeRO-3 each bucket is an all-gather
-(`deepspeed.zero.GatheredParameters`), released before the next one. So the extra memory of an export
+(`deepspeed.zero.GatheredParameters`; on CPU gloo ranks a piecewise gather to rank 0), released before
+the next one. So the extra memory of an export
 or a weight sync is one bucket (<= bucket_bytes, or a single parameter larger than that) plus, for a
 tied weight named twice (lm_head = embed_tokens), that parameter gathered again: at most
 bucket_bytes + the largest parameter, never the whole model (`bench/bench_gather.py` measures it).
-A yielded bucket's tensors are views of the gathered parameters (copies when `dtype`/`device` differ):
-valid until the next bucket is requested, so a consumer that keeps them must copy them.
+A yielded bucket's tensors are the gathered parameters themselves (copies when `dtype`/`device` differ,
+or when a parameter is a view of a larger flat buffer, as under ZeRO-1/2: see `compact`): valid until
+the next bucket is requested, so a consumer that keeps them must copy them.
 """
 from __future__ import annotations
 
@@ -64,7 +66,9 @@ def state_buckets(module: nn.Module, *, zero3: bool, rank: int, bucket_bytes: in
         if not entries:
             continue
         params = list({id(t): t for _, t in entries if isinstance(t, nn.Parameter)}.values())
-        if zero3 and params:
+        if zero3 and params and _gloo_partitions(params):
+            yield _gather_to_rank0(entries, rank, dtype, device)
+        elif zero3 and params:
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
@@ -73,10 +77,71 @@ def state_buckets(module: nn.Module, *, zero3: bool, rank: int, bucket_bytes: in
             yield _rank0_view(entries, rank, dtype, device)
 
 
+GATHER_CHUNK_BYTES = 8 * 2**20
+"""Piece size of a gloo gather: gloo stages each collective's output in a buffer of its own (2x a whole
+parameter through `GatheredParameters`), so large parameters travel in pieces of this size."""
+
+
+def _gloo_partitions(params: list[nn.Parameter]) -> bool:
+    """True when these ZeRO-3 parameters live on CPU ranks joined by gloo, where `_gather_to_rank0` applies
+    (NCCL gathers into its output without staging: DeepSpeed's own GatheredParameters is used there)."""
+    import torch.distributed as dist
+
+    p = params[0]
+    if getattr(p, "ds_tensor", None) is None or getattr(p, "ds_secondary_tensor", None) is not None:
+        return False
+    return p.ds_tensor.device.type == "cpu" and dist.get_backend(getattr(p, "ds_process_group", None)) == "gloo"
+
+
+def _gather_to_rank0(entries, rank: int, dtype, device) -> dict[str, torch.Tensor] | None:
+    """The bucket's full tensors on rank 0 only, each assembled in one buffer from every rank's ZeRO-3
+    partition in GATHER_CHUNK_BYTES pieces: the extra memory is the bucket itself plus one staged piece
+    per rank, and the other ranks hold nothing but their partitions. DeepSpeed's state is not touched
+    (the parameters stay partitioned)."""
+    full = {}
+    for _, tensor in entries:
+        if id(tensor) not in full:
+            full[id(tensor)] = _gather_param(tensor) if hasattr(tensor, "ds_tensor") else tensor.detach()
+    if rank != 0:
+        return None
+    return {name: full[id(t)].to(device=device, dtype=dtype or full[id(t)].dtype) for name, t in entries}
+
+
+def _gather_param(param: nn.Parameter) -> torch.Tensor | None:
+    """One ZeRO-3 parameter's full tensor on the group's rank 0 (None elsewhere). Rank r holds elements
+    [r * n, (r + 1) * n) of the flattened parameter (n = ds_tensor.ds_numel; the last rank is padded)."""
+    import torch.distributed as dist
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    if param.ds_status == ZeroParamStatus.AVAILABLE:  # a persistent (small) parameter: every rank holds it
+        return param.detach() if dist.get_rank(param.ds_process_group) == 0 else None
+    group = param.ds_process_group
+    world, me = dist.get_world_size(group), dist.get_rank(group)
+    dst = dist.get_global_rank(group, 0) if group is not None else 0
+    n = param.ds_tensor.ds_numel
+    part = param.ds_tensor.detach().reshape(-1)[:n]
+    rows = torch.empty(world, n, dtype=part.dtype) if me == 0 else None  # [world, n]: the flat parameter, padded
+    step = max(1, GATHER_CHUNK_BYTES // part.element_size())
+    for start in range(0, n, step):
+        end = min(n, start + step)
+        dist.gather(part[start:end].contiguous(), [rows[r, start:end] for r in range(world)] if me == 0 else None,
+                    dst=dst, group=group)
+    return None if rows is None else rows.view(-1)[:param.ds_numel].view(param.ds_shape)
+
+
 def _rank0_view(entries, rank: int, dtype, device) -> dict[str, torch.Tensor] | None:
     if rank != 0:
         return None
-    return {name: tensor.detach().to(device=device, dtype=dtype or tensor.dtype) for name, tensor in entries}
+    return {name: compact(tensor.detach().to(device=device, dtype=dtype or tensor.dtype)) for name, tensor in entries}
+
+
+def compact(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` itself, or a copy when it is a view into a larger storage. ZeRO-1/2 keep every parameter
+    as a view of one flat buffer, and pickling a view (ray.put, torch.save) writes the whole storage:
+    a bucket of 200 such views would carry the whole model 200 times."""
+    if tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size():
+        return tensor.clone()
+    return tensor
 
 
 def tied_names(module: nn.Module) -> set[str]:
