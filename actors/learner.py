@@ -59,7 +59,11 @@ class LearnerWorker:
     def state_bucket_refs(self) -> list | None:
         """Rank 0: one object ref per bucket of the policy's weights, each put as soon as it is gathered
         (this process never holds more than one bucket); None on the other ranks (collective under ZeRO-3)."""
-        refs = [ray.put(bucket) for bucket in self.learner.state_buckets() if bucket is not None]
+        refs = []
+        for bucket in self.learner.state_buckets():
+            if bucket is not None:
+                refs.append(ray.put(bucket))
+            bucket = None  # a comprehension would keep it alive while the next bucket is gathered
         return refs if self.learner.rank == 0 else None
 
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> list[list[float]]:

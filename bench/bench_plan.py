@@ -12,7 +12,8 @@ Two measurements, each at three micro-batch sizes, each in a fresh subprocess:
 * one discriminator scoring call (`text_scoring.response_probabilities`, no grad, use_cache=False) of
   128 rows of 256 tokens in forward micro-batches of the given size, on a random-init
   TokenDiscriminator of the same shape, after a one-row warm-up call (oneDNN/OpenMP first-call
-  scratch belongs to no model).
+  scratch belongs to no model), run twice: the figure is the second call (the steady state of a
+  scorer that sees the shape again every step); the first call at the shape is printed beside it.
 Measured: the process's peak RSS (psutil, sampled every 2 ms by a thread; ru_maxrss would include the
 load's own peak) minus its RSS after the model (and the DeepSpeed engines) are built; torch's
 allocations are invisible to tracemalloc, hence RSS. The workers run with MALLOC_MMAP_THRESHOLD_=65536
@@ -130,10 +131,13 @@ def worker_disc(folder: str, micro: int) -> dict:
     encoded = [Encoded(torch.randint(10, 40000, (DISC_SEQ,)).tolist(), DISC_SEQ - RESPONSE, [(0, 0)] * RESPONSE)
                for _ in range(DISC_ROWS)]
     response_probabilities(model, encoded[:1], 0)  # warm: oneDNN/OpenMP first-call scratch is not the model's
-    base = _rss()
-    with PeakRSS() as peak:
-        response_probabilities(model, encoded, 0, micro_batch_size=micro)
-    return {"baseline": base, "peak": peak.peak}
+    calls = []
+    for _ in range(2):  # the first call at this micro-batch shape, then the same call again (steady state)
+        base = _rss()
+        with PeakRSS() as peak:
+            response_probabilities(model, encoded, 0, micro_batch_size=micro)
+        calls.append({"baseline": base, "peak": peak.peak})
+    return {**calls[1], "first_call": calls[0]}
 
 
 def predicted_learner(folder: str, micro: int) -> int:
@@ -204,8 +208,12 @@ def main() -> None:
             measured = got["peak"] - got["baseline"]
             pred = predict(folder, rows)
             ratios.append(pred / measured)
-            parts.append(f"micro {rows}: predicted {mib(pred)} / measured {mib(measured)} = {pred / measured:.2f} "
-                         f"({time.perf_counter() - start:.0f} s)")
+            first = ""
+            if "first_call" in got:  # scoring: the same call's first run at this shape, for comparison
+                cold = got["first_call"]["peak"] - got["first_call"]["baseline"]
+                first = f"; first call at this shape {mib(cold)} = {pred / cold:.2f}"
+            parts.append(f"micro {rows}: predicted {mib(pred)} / measured {mib(measured)} = {pred / measured:.2f}"
+                         f"{first} ({time.perf_counter() - start:.0f} s)")
             print(f"[plan] {kind} {parts[-1]}", flush=True)
         if not args.no_record:
             record("plan", f"predicted/measured peak RSS growth, {kind}",

@@ -7,7 +7,8 @@ export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}   # one mode for every cluster a
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/$VENV/torch_extensions}  # DeepSpeed JIT ops compile once
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTHONUNBUFFERED=1
-cmd=("$VENV/bin/python" -m pytest "$@")
+# The slowest tests are listed at the end, so that the suite's time can be kept in check from any CI log.
+cmd=("$VENV/bin/python" -m pytest --durations=30 "$@")
 if [ "${CI:-}" = "true" ] && [ "$(id -u)" = "0" ] && unshare -n true 2>/dev/null; then
   echo "running the tests in a loopback-only network namespace"
   unshare -n bash -c 'ip link set lo up && exec "$@"' _ "${cmd[@]}"

@@ -87,6 +87,7 @@ class PPOLearner:
         # where both distributions are (docs/algorithm.md §6); one more model per rank (ZeRO-3: sharded).
         self.reference = self._reference(load_policy(policy_dir, dtype=dtype)) if ppo_cfg.kl_estimator == "full" \
             else None
+        self._export_tokenizer()  # loaded now, not inside an export's memory peak
 
     @property
     def engines(self) -> dict:
@@ -287,7 +288,9 @@ class PPOLearner:
         start = time.perf_counter()
         stream = self.state_buckets(device=self.device)
         if self.rank == 0:
-            self.sender.send(item for bucket in stream for item in bucket.items())
+            from tlcr_ray.training.gather import items_of
+
+            self.sender.send(items_of(stream))
         else:
             for _ in stream:
                 pass
@@ -324,6 +327,17 @@ class PPOLearner:
             if path is None:
                 raise FileNotFoundError(f"{folder / name}: no DeepSpeed checkpoint 'ds'")
 
+    def _export_tokenizer(self):
+        """Rank 0: the policy's tokenizer, loaded once (loading one costs a few hundred MB of transient
+        RSS: every export paying it again would add that to the export's peak). None elsewhere."""
+        if self.rank != 0:
+            return None
+        if getattr(self, "_tokenizer", None) is None:
+            from tlcr_ray.models import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.policy_dir)
+        return self._tokenizer
+
     def export_hf(self, path: str, dtype: str | None = None, step: int | None = None, final: bool = False) -> None:
         """Policy as a loadable HF folder with its tokenizer, streamed bucket by bucket (rank 0 writes;
         collective under ZeRO-3). `dtype`: the stored dtype (None: ppo.export_dtype; "auto": as trained)."""
@@ -332,11 +346,6 @@ class PPOLearner:
         module = self.actor.module
         held = next(module.parameters()).dtype
         stored = export_dtype(self.cfg.export_dtype if dtype is None else dtype, held)
-        tokenizer = None
-        if self.rank == 0:
-            from tlcr_ray.models import load_tokenizer
-
-            tokenizer = load_tokenizer(self.policy_dir)
         write_hf_folder(self.state_buckets(dtype=stored, skip=tied_names(module)), path, module=module,
-                        rank=self.rank, tokenizer=tokenizer, dtype=stored,
+                        rank=self.rank, tokenizer=self._export_tokenizer(), dtype=stored,
                         extra={"step": step, "final": final})

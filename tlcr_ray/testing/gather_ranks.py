@@ -105,6 +105,7 @@ def run_rank(args) -> None:
             for bucket in original(*a, **k):
                 max_held = max(max_held, gathered_bytes(module), _bucket_bytes(bucket))
                 yield bucket
+                bucket = None  # not kept while the next one is gathered
 
         learner.state_buckets = watched
         learner.export_hf(str(out / "export"), dtype="auto")

@@ -77,7 +77,7 @@ def state_buckets(module: nn.Module, *, zero3: bool, rank: int, bucket_bytes: in
             yield _rank0_view(entries, rank, dtype, device)
 
 
-GATHER_CHUNK_BYTES = 8 * 2**20
+GATHER_CHUNK_BYTES = 4 * 2**20
 """Piece size of a gloo gather: gloo stages each collective's output in a buffer of its own (2x a whole
 parameter through `GatheredParameters`), so large parameters travel in pieces of this size."""
 
@@ -144,6 +144,19 @@ def compact(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def items_of(buckets: Iterable[dict[str, torch.Tensor] | None]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The (name, tensor) pairs of each bucket in turn, letting go of a bucket before the next one is
+    gathered. A consumer's own loop variable would keep the previous bucket alive while the producer
+    gathers the next (`for b in buckets` rebinds `b` only once the next bucket exists): two buckets at
+    once instead of one."""
+    for bucket in buckets:
+        items = list(bucket.items()) if bucket else []
+        bucket = None
+        items.reverse()
+        while items:
+            yield items.pop()
+
+
 def tied_names(module: nn.Module) -> set[str]:
     """State-dict names an HF folder leaves out because they alias another weight (lm_head of tied models)."""
     state = module.state_dict(keep_vars=True)
@@ -162,8 +175,9 @@ def _write_shards(buckets: Iterable[dict[str, torch.Tensor]], folder: Path, pref
     from safetensors.torch import save_file
 
     weight_map, total, files = {}, 0, []
-    for i, bucket in enumerate(buckets):
+    for bucket in buckets:
         shard = {name[len(prefix):]: t.contiguous() for name, t in bucket.items()}
+        bucket = None  # only `shard` holds the tensors now: dropped below, before the next gather
         if not shard:
             continue
         fname = f"model-{len(files) + 1:05d}.safetensors"
@@ -171,6 +185,7 @@ def _write_shards(buckets: Iterable[dict[str, torch.Tensor]], folder: Path, pref
         files.append(fname)
         total += sum(t.numel() * t.element_size() for t in shard.values())
         weight_map.update({name: fname for name in shard})
+        shard = None
     if len(files) == 1:  # one shard: the plain single-file layout
         (folder / files[0]).rename(folder / "model.safetensors")
         return {"files": ["model.safetensors"], "total_size": total}
@@ -208,6 +223,7 @@ def write_hf_folder(buckets: Iterable[dict[str, torch.Tensor] | None], path: str
                                  if n.startswith("head.")})
                     bucket = {n: t for n, t in bucket.items() if n.startswith("backbone.")}
                 yield bucket
+                bucket = None  # released before the next bucket is gathered (see items_of)
 
         written = _write_shards(weights(), tmp, prefix="backbone." if head_model else "")
         config = type(model.config).from_dict(model.config.to_dict())  # a copy: the live one keeps its dtype

@@ -119,6 +119,7 @@ class HFRollout:
             if unexpected:
                 raise KeyError(f"HFRollout.load_weight_stream: unexpected {unexpected[:5]}")
             loaded.update(bucket)
+            bucket = None  # released before the next bucket is gathered
         # Tied embeddings: lm_head.weight may be absent from the sender's buckets and that is fine.
         missing = sorted(expected - loaded - {"lm_head.weight"})
         if missing:

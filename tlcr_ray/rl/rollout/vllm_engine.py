@@ -205,8 +205,9 @@ class VLLMRollout:
         from one iterator over the buckets, so one bucket is taken at a time; a multi-process engine
         reads one safetensors shard per bucket from /dev/shm."""
         if self.in_process:
-            pairs = (item for bucket in buckets for item in bucket.items())
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": pairs})
+            from tlcr_ray.training.gather import items_of
+
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": items_of(buckets)})
             self.llm.reset_prefix_cache()
         else:
             self.load_weight_stream_via_files(buckets)
@@ -230,6 +231,7 @@ class VLLMRollout:
                     shard[name] = t.clone() if t.data_ptr() in seen else t.contiguous()
                     seen.add(t.data_ptr())
                 save_file(shard, os.path.join(folder, f"model-{i + 1:05d}.safetensors"))
+                bucket = shard = None  # released before the next bucket is gathered
             self.llm.collective_rpc("reload_weights", kwargs={"weights_path": folder})
         finally:
             shutil.rmtree(folder, ignore_errors=True)
