@@ -71,5 +71,12 @@ class Rollout(ActorBase):
     def wake_up(self) -> dict:
         return self.engine.wake_up()
 
+    def engine_state_dict(self) -> dict:
+        """HF backend: the engine's weights as a CPU state dict (what a check that a sync landed exactly reads)."""
+        model = getattr(self.engine, "model", None)
+        if model is None:
+            raise TypeError(f"{type(self.engine).__name__} exposes no state dict")
+        return {name: t.detach().cpu().clone() for name, t in model.state_dict().items()}
+
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
         return self.engine.score(prompt_ids, response_ids)
