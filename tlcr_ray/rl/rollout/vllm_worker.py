@@ -34,6 +34,11 @@ class WeightHandoverExtension:
         from tlcr_ray.rl.handover import open_handle
 
         tensors = open_handle(handle, self.device)
+        if handle["kind"] == "cuda_ipc":
+            # The layer-wise reload keeps the tensors of a layer that is not complete yet (q_proj in this
+            # bucket, v_proj in the next) until it is, but the learner frees its IPC buffer on our ack: copy.
+            # A shm bucket needs no copy: its file is unlinked, not reused, so the views stay valid.
+            tensors = {name: t.clone() for name, t in tensors.items()}
         self.tlcr_loaded |= set(self.model_runner.get_model().load_weights(tensors.items()) or ())
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # read before the producer frees the buffer
