@@ -237,14 +237,15 @@ class PPOLearner:
 
     # ------------------------------------------------------------------ weights and checkpoints
     def state_buckets(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                      skip: tuple[str, ...] | set[str] = (), every_rank: bool = False):
+                      skip: tuple[str, ...] | set[str] = (), every_rank: bool = False, compact_views: bool = True):
         """The policy's HF-named weights, one bucket of <= ppo.bucket_mib at a time: {name: tensor} on
         rank 0 (`every_rank`: on every rank), None elsewhere (`tlcr_ray.training.gather.state_buckets`).
         Every rank must drain it (collective under ZeRO-3); nothing holds the whole model at once."""
         from tlcr_ray.training.gather import state_buckets
 
         return state_buckets(self.actor.module, zero3=self.cfg.zero_stage == 3, rank=0 if every_rank else self.rank,
-                             bucket_bytes=int(self.cfg.bucket_mib * 2**20), device=device, dtype=dtype, skip=skip)
+                             bucket_bytes=int(self.cfg.bucket_mib * 2**20), device=device, dtype=dtype, skip=skip,
+                             compact_views=compact_views)
 
     def full_state_dict(self, device: str = "cpu") -> dict[str, torch.Tensor] | None:
         """The whole policy state dict on rank 0 (None elsewhere), assembled from `state_buckets`: a
@@ -303,8 +304,8 @@ class PPOLearner:
         start = time.perf_counter()
         ipc = kind == "cuda_ipc"
         several = ipc and self.world_size > 1
-        # The views as gathered, on the learner's device: packing is the one copy (GPU -> /dev/shm for shm).
-        stream = self.state_buckets(device=self.device, every_rank=ipc)
+        # The tensors as held, on the learner's device (ZeRO-1/2's views uncopied): packing is the one copy.
+        stream = self.state_buckets(device=self.device, every_rank=ipc, compact_views=False)
         push_buckets(stream, kind, deliver, rank=self.rank, device=self.device,
                      gather=self._all_gather_object if several else None,
                      barrier=torch.distributed.barrier if several else None)
