@@ -316,6 +316,7 @@ def run(cfg: Config, args=None) -> dict:
         groups = None
         try:
             groups = ActorGroups(cfg, policy_dir, str(ckpt / "hf") if ckpt else policy_dir, reward_dir, failures)
+            print(f"ppo: weight sync {groups.sync_method} (ppo.weight_sync {cfg.ppo.weight_sync})", flush=True)
             if ckpt is not None:
                 get_all(groups.learners.load_checkpoint(str(ckpt)))
             PPOLoop(cfg, groups, prompts, tokenizer.pad_token_id, ckpts, metrics, paths.export, heldout).run(state)
