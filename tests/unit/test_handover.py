@@ -245,3 +245,13 @@ def test_an_hf_engine_loads_handed_over_buckets_exactly_and_refuses_an_incomplet
     handover.push_buckets(iter([{n: target[n] for n in names[0]}]), "shm", engine.load_weight_handle)
     with pytest.raises(KeyError, match="missing"):
         engine.finish_weight_load()
+
+
+def test_files_of_a_producer_that_died_are_swept_and_live_ones_kept(tmp_path):
+    dead = tmp_path / f"{handover.SHM_PREFIX}4194305-abc"  # above Linux's largest pid_max: no such process
+    live = tmp_path / f"{handover.SHM_PREFIX}{os.getpid()}-def"
+    other = tmp_path / "someone-elses-file"
+    for path in (dead, live, other):
+        path.write_bytes(b"x")
+    assert handover.sweep_stale_shm(str(tmp_path)) == [dead.name]
+    assert not dead.exists() and live.exists() and other.exists()

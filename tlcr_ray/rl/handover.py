@@ -111,6 +111,18 @@ def open_shm(handle: dict) -> dict[str, torch.Tensor]:
     return unflatten_bucket(flat, handle["entries"])
 
 
+def sweep_stale_shm(folder: str | None = None) -> list[str]:
+    """Unlink bucket files whose producer is gone (a learner killed mid-sync leaves at most one) -> their names."""
+    folder = folder or shm_dir()
+    swept = []
+    for name in os.listdir(folder):
+        pid = name[len(SHM_PREFIX):].split("-", 1)[0] if name.startswith(SHM_PREFIX) else ""
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            _unlink(os.path.join(folder, name))
+            swept.append(name)
+    return swept
+
+
 def _unlink(path: str) -> None:
     try:
         os.unlink(path)
@@ -202,6 +214,8 @@ def push_buckets(buckets: Iterable[dict[str, torch.Tensor] | None], kind: str, d
     """
     if kind not in ("shm", "cuda_ipc"):
         raise ValueError(f"weight handover: unknown kind {kind!r}")
+    if kind == "shm" and rank == 0 and os.path.isdir("/proc/self"):
+        sweep_stale_shm()
     delivered = 0
     for bucket in buckets:
         handle, keep = None, None
