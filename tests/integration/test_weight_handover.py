@@ -61,7 +61,8 @@ def test_after_a_sync_every_engine_holds_exactly_the_learners_weights(ray_local,
     try:
         before = ray_local.get(rollouts[0].engine_state_dict.remote())
         differ = [n for n, t in learner_state.items() if not torch.equal(before[n], t)]
-        assert len(differ) == len(learner_state)  # the engines start elsewhere
+        # The engines start elsewhere: every matrix differs (norm weights start at 1.0 in both models).
+        assert set(differ) >= {n for n in learner_state if "norm" not in n}
         if method == "shm":
             results = get_all(learners.push_weights("shm", rollouts))
             assert results[0]["load_seconds"] > 0
