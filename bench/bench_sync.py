@@ -145,7 +145,8 @@ def main() -> None:
                f"{new['seconds']:.2f} s; RSS high-water rise learner {old['learner_rise'] / MIB:.0f} vs "
                f"{new['learner_rise'] / MIB:.0f} MiB, rollout {old['rollout_rise'] / MIB:.0f} vs "
                f"{new['rollout_rise'] / MIB:.0f} MiB; /dev/shm peak rise {old['shm_rise'] / MIB:.0f} vs "
-               f"{new['shm_rise'] / MIB:.0f} MiB; engines equal to the learner after; shared 2-core machine")
+               f"{new['shm_rise'] / MIB:.0f} MiB; engines equal to the learner after; shared 2-core machine, "
+               f"1-min load avg {os.getloadavg()[0]:.1f}")
     print(details)
     if not args.no_record:
         record("sync", "weight sync time, object_store / shm", f"{old['seconds'] / new['seconds']:.2f}x",
