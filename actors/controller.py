@@ -176,8 +176,10 @@ class PPOLoop:
         return apply_missing_eos_penalty(rewards, mask, finish_reasons, self.ppo.missing_eos_penalty)
 
     def sync_weights(self, batch: RolloutBatch, check: bool) -> dict:
-        """Updated learner weights -> every rollout engine.
+        """Updated learner weights -> every rollout engine, by `groups.sync_method` (ppo.weight_sync):
 
+        shm / cuda_ipc: rank 0 hands each gathered bucket to every engine by reference (a /dev/shm file; a
+        CUDA IPC handle per learner GPU) and frees it once all have loaded it (`tlcr_ray.rl.handover`).
         object_store: rank 0 puts the weights in the store one bucket (ppo.bucket_mib) at a time as
         ZeRO-3 gathers them; each engine loads them bucket by bucket.
         nccl: rank 0 broadcasts from GPU, bucket by bucket, while each vLLM engine receives (issued together).
@@ -194,6 +196,9 @@ class PPOLoop:
             sends = g.learners.send_weights()  # collective under ZeRO-3
             loads = [r.receive_weights.remote(g.weight_update_info) for r in g.rollouts]
             compute = max(get_all(loads + sends)[:len(loads)])
+        elif g.sync_method in ("shm", "cuda_ipc"):
+            # Rank 0 hands each bucket to every engine by reference and waits for their acks (collective).
+            compute = get_all(g.learners.push_weights(g.sync_method, g.rollouts))[0]["load_seconds"]
         else:
             # Rank 0 puts each gathered bucket in the store as it goes (collective under ZeRO-3); each
             # engine then fetches and loads them one at a time.
@@ -311,6 +316,7 @@ def run(cfg: Config, args=None) -> dict:
         groups = None
         try:
             groups = ActorGroups(cfg, policy_dir, str(ckpt / "hf") if ckpt else policy_dir, reward_dir, failures)
+            print(f"ppo: weight sync {groups.sync_method} (ppo.weight_sync {cfg.ppo.weight_sync})", flush=True)
             if ckpt is not None:
                 get_all(groups.learners.load_checkpoint(str(ckpt)))
             PPOLoop(cfg, groups, prompts, tokenizer.pad_token_id, ckpts, metrics, paths.export, heldout).run(state)

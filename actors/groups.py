@@ -20,7 +20,7 @@ from tlcr_ray.config import Config
 from tlcr_ray.placement import ActorSlot, ppo_placement
 from tlcr_ray.rl.rollout import resolve_backend
 from tlcr_ray.oom import TEST_OOM_ENV
-from tlcr_ray.rl.weight_sync import weight_sync_method
+from tlcr_ray.rl.weight_sync import shares_learner_gpu, weight_sync_method
 
 
 def engine_kwargs_of(cfg: Config) -> dict:
@@ -92,10 +92,19 @@ class ActorGroups:
         self.learners = LearnerGroup(policy_dir, ppo, dtype, self.pgs[learner_pg], name=f"tlcr-ppo-learner-a{attempt}",
                                      runtime_env=runtime_env, critic_dir=critic_dir)
         get_all(self.learners.ready)
-        self.sync_method = weight_sync_method(ppo.rollout_backend, ppo.learner.num_gpus > 0, self.colocated)
+        self.sync_method = self.choose_weight_sync(ppo)
         self.weight_update_info = self.connect_nccl_sync(ppo) if self.sync_method == "nccl" else None
         # Colocated, the engines stay asleep until the loop starts (`PhaseHooks.start`): a resumed run first
         # loads the learner's checkpoint into its resident states.
+
+    def choose_weight_sync(self, ppo) -> str:
+        """ppo.weight_sync against where the actors landed (`tlcr_ray.rl.weight_sync.weight_sync_method`)."""
+        learner_at = self.learners.placement_info()
+        rollout_at = get_all([r.placement_info.remote() for r in self.rollouts])
+        return weight_sync_method(ppo.rollout_backend, ppo.learner.num_gpus > 0, self.colocated,
+                                  requested=ppo.weight_sync,
+                                  same_node=all(node == learner_at[0][0] for node, _ in rollout_at),
+                                  shares_gpu=shares_learner_gpu(learner_at, rollout_at))
 
     def connect_nccl_sync(self, ppo) -> dict:
         """One NCCL group: learner rank 0 is rank 0, rollout i's TP workers follow it. Returns the

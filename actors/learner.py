@@ -15,6 +15,7 @@ import ray
 import torch
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors.common import placement_info
 from tlcr_ray.oom import maybe_inject_oom
 from tlcr_ray.rl.batch import RolloutBatch
 from tlcr_ray.rl.colocate import offload_learner, reload_learner
@@ -35,6 +36,9 @@ class LearnerWorker:
 
     def node_ip(self) -> str:
         return ray.util.get_node_ip_address()
+
+    def placement_info(self) -> tuple[str, list[str]]:
+        return placement_info()
 
     def free_port(self) -> int:
         return free_port(ray.util.get_node_ip_address())
@@ -65,6 +69,19 @@ class LearnerWorker:
                 refs.append(ray.put(bucket))
             bucket = None  # a comprehension would keep it alive while the next bucket is gathered
         return refs if self.learner.rank == 0 else None
+
+    def push_weights(self, kind: str, rollouts: list) -> dict:
+        """ppo.weight_sync shm | cuda_ipc: rank 0 hands each bucket to every rollout actor and waits for all
+        their acks before the next (`PPOLearner.push_weights`); -> {"seconds", "load_seconds" (rank 0: the
+        slowest engine's loading time)}. Every rank is called (collective under ZeRO-3)."""
+        load_seconds = 0.0
+        if self.learner.rank == 0:
+            ray.get([r.begin_weight_load.remote() for r in rollouts])
+        seconds = self.learner.push_weights(kind, lambda handle: ray.get(
+            [r.load_weight_handle.remote(handle) for r in rollouts]))
+        if self.learner.rank == 0:
+            load_seconds = max(ray.get([r.finish_weight_load.remote() for r in rollouts]))
+        return {"seconds": seconds, "load_seconds": load_seconds}
 
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> list[list[float]]:
         return self.learner.score(prompt_ids, response_ids, pad_id)
@@ -134,6 +151,14 @@ class LearnerGroup:
     def state_bucket_refs(self) -> list:
         """Rank 0's ref holds a list of per-bucket object refs; the others None (collective under ZeRO-3)."""
         return [w.state_bucket_refs.remote() for w in self.workers]
+
+    def push_weights(self, kind: str, rollouts: list) -> list:
+        """ppo.weight_sync shm | cuda_ipc: rank 0 delivers to `rollouts` itself; -> one ref per rank."""
+        return [w.push_weights.remote(kind, rollouts) for w in self.workers]
+
+    def placement_info(self) -> list[tuple[str, list[str]]]:
+        """(node id, GPU ids) of every rank, in rank order."""
+        return ray.get([w.placement_info.remote() for w in self.workers])
 
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> list:
         return [w.score.remote(prompt_ids, response_ids, pad_id) for w in self.workers]

@@ -38,6 +38,23 @@ class Rollout(ActorBase):
         self.engine.load_weight_stream(ray.get(ref) for ref in bucket_refs)
         return time.perf_counter() - start
 
+    # ppo.weight_sync shm | cuda_ipc: the learner's rank 0 calls these itself, one bucket handle at a time.
+    def begin_weight_load(self) -> None:
+        self.engine.begin_weight_load()
+        self.handover_seconds = 0.0
+
+    def load_weight_handle(self, handle: dict) -> None:
+        """Returning is the ack: the learner frees the bucket once every engine has answered."""
+        start = time.perf_counter()
+        self.engine.load_weight_handle(handle)
+        self.handover_seconds += time.perf_counter() - start
+
+    def finish_weight_load(self) -> float:
+        """-> seconds this engine spent loading (the buckets and the finish)."""
+        start = time.perf_counter()
+        self.engine.finish_weight_load()
+        return self.handover_seconds + time.perf_counter() - start
+
     # CUDA + vLLM only: the NCCL broadcast from learner rank 0 (see tlcr_ray.rl.rollout.vllm_engine).
     def init_weight_sync(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
         self.engine.init_weight_sync(master_address, master_port, rank_offset, world_size)
@@ -53,6 +70,13 @@ class Rollout(ActorBase):
 
     def wake_up(self) -> dict:
         return self.engine.wake_up()
+
+    def engine_state_dict(self) -> dict:
+        """HF backend: the engine's weights as a CPU state dict (what a check that a sync landed exactly reads)."""
+        model = getattr(self.engine, "model", None)
+        if model is None:
+            raise TypeError(f"{type(self.engine).__name__} exposes no state dict")
+        return {name: t.detach().cpu().clone() for name, t in model.state_dict().items()}
 
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
         return self.engine.score(prompt_ids, response_ids)

@@ -28,6 +28,9 @@ ROLLOUT_BACKENDS = ("auto", "hf", "vllm")
 COLOCATE = ("none", "all")
 """`ppo.colocate`: every actor group on its own placement group, or all of them sharing one placement group of
 GPU bundles with fractional GPU requests (the rollout sleeps and the learner offloads between phases)."""
+WEIGHT_SYNCS = ("auto", "cuda_ipc", "nccl", "shm", "object_store")
+"""`ppo.weight_sync`: how learner weights reach the rollout engines (`tlcr_ray.rl.weight_sync`); auto picks
+cuda_ipc (colocated on CUDA), nccl (vLLM on other GPUs), shm (same node) or object_store, in that order."""
 CRITIC_INITS = ("reward", "policy")
 """`ppo.critic_init`: the run's reward model (discriminator or sequence RM) or the initial policy."""
 RESUME = ("auto", "never")

@@ -171,9 +171,24 @@ def _check_across(cfg: "Config") -> None:
         if getattr(cfg, section).offload_optimizer and zero == 0:
             raise ConfigError(f"{section}.offload_optimizer: DeepSpeed offloads the optimizer under ZeRO 1-3; "
                               f"set {section}.zero_stage >= 1")
+    _check_weight_sync(cfg.ppo)
     if cfg.ppo.algorithm == "remax" and reward.mode != "sequence":
         raise ConfigError(f"ppo.algorithm=remax scores whole responses with the sequence RM: set "
                           f"reward.mode=sequence (not {reward.mode!r})")
+
+
+def _check_weight_sync(ppo) -> None:
+    """An explicit ppo.weight_sync the layout rules out (`tlcr_ray.rl.weight_sync` re-checks at start, with
+    where the actors landed: shm's same-node rule and cuda_ipc's shared GPUs can only be seen then)."""
+    on_gpu = ppo.learner.num_gpus > 0
+    if ppo.weight_sync == "cuda_ipc" and not (on_gpu and ppo.colocate == "all"):
+        raise ConfigError("ppo.weight_sync=cuda_ipc hands CUDA buffers to engines on the learner's GPUs: it "
+                          f"needs ppo.learner.num_gpus > 0 (now {ppo.learner.num_gpus:g}) and ppo.colocate=all "
+                          f"(now {ppo.colocate})")
+    if ppo.weight_sync == "nccl" and not (on_gpu and ppo.rollout_backend != "hf" and ppo.colocate == "none"):
+        raise ConfigError("ppo.weight_sync=nccl broadcasts into vLLM workers on other GPUs: it needs "
+                          f"ppo.learner.num_gpus > 0 (now {ppo.learner.num_gpus:g}), ppo.rollout_backend vllm "
+                          f"or auto (now {ppo.rollout_backend}) and ppo.colocate=none (now {ppo.colocate})")
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

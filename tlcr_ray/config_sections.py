@@ -29,6 +29,7 @@ from tlcr_ray.choices import (
     SPLITS,
     TOKEN_MODES,
     TRUNCATED,
+    WEIGHT_SYNCS,
 )
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
@@ -337,6 +338,13 @@ class PPOConfig:
     bucket_mib: float = bounded(256.0, gt=0.0)
     """Weight sync, export and checkpoint under ZeRO-3 gather at most this many MiB at a time (plus one
     parameter larger than that); each bucket is written, broadcast or put in the object store, then freed."""
+    weight_sync: str = choice("auto", WEIGHT_SYNCS)
+    """How updated weights reach the rollout engines after each step (`tlcr_ray.rl.weight_sync`). auto:
+    `cuda_ipc` when colocated on CUDA with every engine on a learner rank's GPU (CUDA IPC handles, no
+    copy), else `nccl` for vLLM on other GPUs (learner rank 0 broadcasts), else `shm` when every engine is
+    on learner rank 0's node (each bucket written once to /dev/shm and mapped by the engines), else
+    `object_store` (buckets through Ray's object store). An explicit value that cannot work fails: at load
+    for cuda_ipc/nccl against the config, at start for shm (an engine on another node)."""
     sync_check: bool = True
     """After a weight sync, compare the rollout's log-probs of one sequence with the learner's (logged as
     sync_logprob_err / sync_logprob_change; three extra forwards)."""

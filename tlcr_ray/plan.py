@@ -40,8 +40,9 @@ touched e·P, none at world 1; ZeRO-1/2 in backward, ZeRO-3 always), ZeRO-3's pr
 elements, 1 GiB CUDA context + NCCL per GPU process (0.5 GiB interpreter per CPU process), and the
 weight sync, streamed (`tlcr_ray.training.gather`): ZeRO-3 gathers one bucket of ppo.bucket_mib (or
 the largest parameter) at a time on every rank, min(e·P, bucket + e·V·h), which rank 0 packs into
-2 x 1 GiB NCCL broadcast buffers (CUDA + vLLM) or copies to host for the object store (CPU/HF: the
-store then holds e·P); checkpoints and HF exports stream the same way.
+2 x 1 GiB NCCL broadcast buffers (CUDA + vLLM), every rank into a flat GPU bucket (cuda_ipc), one
+/dev/shm bucket (shm), or copies to host for the object store (which then holds e·P: the bound planned
+for auto off a colocated GPU); checkpoints and HF exports stream the same way.
 vLLM takes vllm_memory_utilization x the GPU (weights/TP, ~2 GiB activations/graphs, KV cache the
 rest) or weights + vllm_kv_cache_gib + 2 GiB, and +2 GiB of NCCL receive buffers during a sync.
 A peak is the largest of the phases (train, step, evaluate, sync), each the sum of what is live then
@@ -191,11 +192,14 @@ def plan_learner(cfg, m: ModelShape, checkpointing: bool = False) -> dict:
     largest_param = e * m.vocab * m.hidden
     gathered = min(e * m.params, int(ppo.bucket_mib * 2**20) + largest_param) if z == 3 else 0
     clone = e * (m.params + (m.vocab * m.hidden if m.tied else 0))
-    # Colocated engines cannot join an NCCL group with a rank on their own GPU: the object store carries the sync.
-    nccl = on_gpu and _backend(cfg) == "vllm" and getattr(ppo, "colocate", "none") == "none"
-    # nccl: rank 0 packs the buckets into the broadcast buffers on the GPU; object store: each bucket is
-    # copied to host and put in the store (host: the store's copy of the whole policy, once).
-    sync_device = gathered + ((SYNC_BUFFERS if nccl else 0) if on_gpu else clone + gathered)
+    # nccl: rank 0 packs the buckets into the broadcast buffers; cuda_ipc: every rank packs its bucket into
+    # one flat GPU buffer; shm: one such bucket in host shared memory; object store: the store's host copy
+    # of the whole policy (`planned_weight_sync`).
+    sync = planned_weight_sync(cfg, on_gpu)
+    flat_bucket = min(clone, int(ppo.bucket_mib * 2**20) + largest_param)
+    host_copy = {"shm": flat_bucket, "nccl": 0, "cuda_ipc": 0}.get(sync, clone)
+    on_device = {"nccl": SYNC_BUFFERS, "cuda_ipc": flat_bucket}.get(sync, 0) if on_gpu else host_copy
+    sync_device = gathered + on_device
     phases = {"train": base + max(_train_extra(actor, z, act_actor), _train_extra(critic, z, act_critic)),
               "step": base + max(_step_extra(actor, z), _step_extra(critic, z)),
               "evaluate": base + actor["gathered"] + actor["prefetch"] + act_eval + (ref_weights - ref_idle),
@@ -207,11 +211,23 @@ def plan_learner(cfg, m: ModelShape, checkpointing: bool = False) -> dict:
     return _result(math.ceil(n * res.num_gpus), "cuda" if on_gpu else "cpu", phases, states,
                    max(act_actor, act_critic, act_eval), 0, buffers, procs,
                    breakdown={"actor": actor, "critic": critic, "reference_copy": ref_weights, "sync_gathered": gathered,
-                              "sync_object_store_host": 0 if nccl else clone},
+                              "sync_host": host_copy},
                    offloaded_host_bytes=actor["offloaded"] + critic["offloaded"] + (ref_weights - ref_idle),
                    inputs={"world": n, "micro_rows": micro, "accumulation": -(-(-(-ppo.mini_batch_size // n)) // micro),
                            "eval_rows": rows, "seq": seq, "response": R, "gradient_checkpointing": ckpt,
-                           "zero_stage": z, "dtype": cfg.model.dtype, "weight_sync": "nccl" if nccl else "object_store"})
+                           "zero_stage": z, "dtype": cfg.model.dtype, "weight_sync": sync})
+
+
+def planned_weight_sync(cfg, on_gpu: bool) -> str:
+    """The ppo.weight_sync a run would take as far as the config tells (`tlcr_ray.rl.weight_sync` decides
+    at start from where the actors landed): auto is cuda_ipc colocated on GPUs (TP 1), nccl for vLLM on
+    other GPUs, else the object store, the upper bound of shm (same node: unknown here)."""
+    ppo = cfg.ppo
+    if getattr(ppo, "weight_sync", "auto") != "auto":
+        return ppo.weight_sync
+    if on_gpu and getattr(ppo, "colocate", "none") == "all":
+        return "cuda_ipc" if ppo.vllm_tensor_parallel == 1 or _backend(cfg) == "hf" else "object_store"
+    return "nccl" if on_gpu and _backend(cfg) == "vllm" else "object_store"
 
 
 def _backend(cfg) -> str:
@@ -251,13 +267,16 @@ def plan_rollout(cfg, m: ModelShape, gpu_memory: int, host_memory: int | None) -
     rows = -(-ppo.prompts_per_step // res.num_actors)
     tp = ppo.vllm_tensor_parallel if backend == "vllm" else 1
     weights, per_token = e * m.params // tp, m.kv_bytes_per_token(e) // tp
-    inputs = {"backend": backend, "rows": rows, "max_model_len": max_len, "tensor_parallel": tp}
+    handover = planned_weight_sync(cfg, ppo.learner.num_gpus > 0)
+    bucket = min(e * m.params, int(ppo.bucket_mib * 2**20) + e * m.vocab * m.hidden)
+    inputs = {"backend": backend, "rows": rows, "max_model_len": max_len, "tensor_parallel": tp, "weight_sync": handover}
     if backend == "vllm":
         device = gpu_memory if on_gpu else (host_memory or 0)
         budget = (weights + int(ppo.vllm_kv_cache_gib * GIB) + VLLM_OVERHEAD if ppo.vllm_kv_cache_gib is not None
                   else int(ppo.vllm_memory_utilization * device))
         kv = budget - weights - VLLM_OVERHEAD
-        sync = SYNC_BUFFERS if on_gpu else 2 * e * m.params  # NCCL receive buffers / the state dict from the store
+        # NCCL receive buffers / the store's state dict; handed over: views of the learner's bucket.
+        sync = {"cuda_ipc": 0, "shm": bucket}.get(handover, SYNC_BUFFERS if on_gpu else 2 * e * m.params)
         inputs.update(kv_tokens=max(0, kv) // max(1, per_token), kv_tokens_needed=rows * max_len,
                       kv_ok=kv >= per_token * max_len or not device)  # RAM unknown: not judged
         phases = {"generate": budget, "sync": budget + sync}
@@ -265,8 +284,10 @@ def plan_rollout(cfg, m: ModelShape, gpu_memory: int, host_memory: int | None) -
     else:  # HF generate: weights, its KV cache (a cat copies it: x2), the prefill's MLP, last-position logits
         kv, buffers = 2 * rows * max_len * per_token, CUDA_CONTEXT if on_gpu else CPU_PROCESS
         act = rows * cfg.model.max_prompt_len * e * (2 * m.hidden + 4 * m.intermediate) + rows * m.vocab * 8
-        phases = {"generate": buffers + weights + kv + act, "sync": buffers + weights + 2 * e * m.params}
-        buffers += 2 * e * m.params  # the sync: the state dict that arrives and the load's copy of it
+        # The sync: the state dict that arrives and the load's copy of it (handed over: a bucket's views).
+        arrives = {"cuda_ipc": 0, "shm": bucket}.get(handover, 2 * e * m.params)
+        phases = {"generate": buffers + weights + kv + act, "sync": buffers + weights + arrives}
+        buffers += arrives
     return _result(math.ceil(res.num_actors * max(res.num_gpus, 0)), "cuda" if on_gpu else "cpu", phases,
                    weights, 0 if backend == "vllm" else act, max(0, kv), buffers, _procs_per_gpu(res), inputs=inputs)
 

@@ -13,7 +13,6 @@ import pytest
 
 from tlcr_ray.config import PPOConfig
 from tlcr_ray.rl.rendezvous import free_port, needs_tcp_rendezvous, rendezvous_init_method
-from tlcr_ray.rl.weight_sync import weight_sync_method
 
 
 def test_one_cpu_node_meets_through_a_file():
@@ -34,17 +33,6 @@ def test_free_port_can_be_bound():
     port = free_port("127.0.0.1")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", port))
-
-
-def test_weights_go_over_nccl_only_from_a_cuda_learner_into_vllm():
-    assert weight_sync_method("vllm", learner_on_cuda=True) == "nccl"
-    assert weight_sync_method("vllm", learner_on_cuda=False) == "object_store"
-    assert weight_sync_method("hf", learner_on_cuda=True) == "object_store"
-    assert weight_sync_method("hf", learner_on_cuda=False) == "object_store"
-    # Colocated (a learner rank on the engine's GPU): NCCL cannot hold two ranks on one GPU.
-    assert weight_sync_method("vllm", learner_on_cuda=True, colocated=True) == "object_store"
-    with pytest.raises(ValueError, match="rollout_backend"):
-        weight_sync_method("sglang", learner_on_cuda=True)
 
 
 @pytest.fixture(scope="module")

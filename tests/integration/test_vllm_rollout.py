@@ -181,6 +181,46 @@ def test_weight_sync_changes_sampling_and_scoring_to_the_new_weights(engine, mod
     assert glob.glob("/dev/shm/tlcr-vllm-weights-*") == []
 
 
+def test_the_worker_extension_adds_methods_vllm_workers_do_not_have():
+    """vLLM refuses an extension whose names clash with its worker's (checked at engine start)."""
+    pytest.importorskip("vllm")
+    from vllm.v1.worker.cpu_worker import CPUWorker
+    from vllm.v1.worker.gpu_worker import Worker
+
+    from tlcr_ray.rl.rollout.vllm_worker import WeightHandoverExtension
+
+    names = [a for a in dir(WeightHandoverExtension) if not a.startswith("__")]
+    # An engine started in this process has already mixed the extension in: look past it.
+    own = {a for cls in (CPUWorker, Worker) for base in cls.__mro__ if base is not WeightHandoverExtension
+           for a in vars(base)}
+    assert names and not own & set(names)
+
+
+@pytest.mark.vllm
+def test_handed_over_shm_buckets_reach_the_engine_and_its_prefix_cache(engine, model_dir, hf_policy, long_prompt):
+    """ppo.weight_sync shm into vLLM: each bucket's handle crosses collective_rpc, the worker extension maps
+    the file and loads it; after the finish the engine scores and samples with the new weights."""
+    from tlcr_ray.models import load_policy
+    from tlcr_ray.rl.handover import push_buckets
+    from tlcr_ray.training.gather import state_buckets
+
+    prompts = [long_prompt, [5, 6, 7, 8, 9]]
+    engine.load_state_dict(dict(hf_policy.state_dict()))  # whatever an earlier test left: the start weights
+    before = engine.generate(prompts, max_new_tokens=MAX_NEW, temperature=1.0, top_p=1.0, seed=11)
+    learner = learner_update(load_policy(model_dir).train(), long_prompt, before.response_ids[0])
+    engine.begin_weight_load()
+    sent = push_buckets(state_buckets(learner, zero3=False, rank=0, bucket_bytes=1 << 20), "shm",
+                        engine.load_weight_handle)
+    engine.finish_weight_load()
+    assert sent > 2
+    new_reference = hf_logprobs(learner, prompts, before.response_ids)
+    assert max_abs_diff(new_reference, hf_logprobs(hf_policy, prompts, before.response_ids)) > 0.5
+    assert max_abs_diff(engine.score(prompts, before.response_ids), new_reference) < TOL
+    after = engine.generate(prompts, max_new_tokens=MAX_NEW, temperature=1.0, top_p=1.0, seed=11)
+    assert max_abs_diff(after.logprobs, hf_logprobs(learner, prompts, after.response_ids)) < TOL
+    engine.load_state_dict(dict(hf_policy.state_dict()))  # leave the start weights for the tests after
+
+
 @pytest.fixture(scope="module")
 def scripted_engine(engine, tmp_path_factory, tokenizer_dir, tokenizer):
     """A second engine on a scripted model (tlcr_ray.testing.tiny_model.build_scripted_llama) that

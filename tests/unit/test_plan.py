@@ -309,3 +309,22 @@ def test_checkpoint_sizes_per_stage_and_what_a_finished_pipeline_leaves():
         + 4 * sizes["ppo"]["after_finish_bytes"]
     assert 3.9e9 < total < 4.2e9
     assert "left after the pipeline (4 PPO runs): 4.0" in format_table(report)
+
+
+def test_the_plan_counts_the_sync_path_a_run_would_take():
+    gpu = gpu_bytes("a100-80gb")
+    colocated = plan(load_config(REPO / "configs" / "a100-7b.yaml"), gpu)["groups"]
+    separate = plan(load_config(REPO / "configs" / "a100-7b-2node.yaml"), gpu)["groups"]
+    assert colocated["ppo.learner"]["inputs"]["weight_sync"] == "cuda_ipc"
+    assert colocated["ppo.rollout"]["inputs"]["weight_sync"] == "cuda_ipc"
+    assert separate["ppo.learner"]["inputs"]["weight_sync"] == "nccl"
+    assert colocated["ppo.learner"]["breakdown"]["sync_host"] == 0  # the IPC handover never leaves the GPU
+    # Colocated, the engines read the learner's buffers: no NCCL receive buffers during the sync.
+    assert colocated["ppo.rollout"]["phases"]["sync"] == colocated["ppo.rollout"]["phases"]["generate"]
+    # On CPU, auto plans the object store's whole-policy copy (shm's same-node rule is only known at start);
+    # asked for, shm holds one bucket.
+    store, shm = (plan(load_config(REPO / "configs" / "demo.yaml", [f"ppo.weight_sync={w}"]), gpu)["groups"]
+                  for w in ("auto", "shm"))
+    assert store["ppo.learner"]["inputs"]["weight_sync"] == "object_store"
+    assert shm["ppo.learner"]["breakdown"]["sync_host"] < store["ppo.learner"]["breakdown"]["sync_host"]
+    assert shm["ppo.rollout"]["phases"]["sync"] < store["ppo.rollout"]["phases"]["sync"]

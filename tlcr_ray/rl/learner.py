@@ -238,14 +238,15 @@ class PPOLearner:
 
     # ------------------------------------------------------------------ weights and checkpoints
     def state_buckets(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                      skip: tuple[str, ...] | set[str] = ()):
+                      skip: tuple[str, ...] | set[str] = (), every_rank: bool = False, compact_views: bool = True):
         """The policy's HF-named weights, one bucket of <= ppo.bucket_mib at a time: {name: tensor} on
-        rank 0, None elsewhere (`tlcr_ray.training.gather.state_buckets`). Every rank must drain it
-        (collective under ZeRO-3); nothing holds the whole model at once."""
+        rank 0 (`every_rank`: on every rank), None elsewhere (`tlcr_ray.training.gather.state_buckets`).
+        Every rank must drain it (collective under ZeRO-3); nothing holds the whole model at once."""
         from tlcr_ray.training.gather import state_buckets
 
-        return state_buckets(self.actor.module, zero3=self.cfg.zero_stage == 3, rank=self.rank,
-                             bucket_bytes=int(self.cfg.bucket_mib * 2**20), device=device, dtype=dtype, skip=skip)
+        return state_buckets(self.actor.module, zero3=self.cfg.zero_stage == 3, rank=0 if every_rank else self.rank,
+                             bucket_bytes=int(self.cfg.bucket_mib * 2**20), device=device, dtype=dtype, skip=skip,
+                             compact_views=compact_views)
 
     def full_state_dict(self, device: str = "cpu") -> dict[str, torch.Tensor] | None:
         """The whole policy state dict on rank 0 (None elsewhere), assembled from `state_buckets`: a
@@ -295,6 +296,29 @@ class PPOLearner:
             for _ in stream:
                 pass
         return time.perf_counter() - start
+
+    def push_weights(self, kind: str, deliver) -> float:
+        """ppo.weight_sync shm | cuda_ipc: the policy handed over bucket by bucket, by reference
+        (`tlcr_ray.rl.handover.push_buckets`); `deliver(handle)` (called on rank 0) returns once every
+        engine has loaded the bucket, which is then freed. Every rank calls it (collective under ZeRO-3).
+        cuda_ipc: each rank shares its own gathered copy, so an engine reads the one on its GPU."""
+        from tlcr_ray.rl.handover import push_buckets
+
+        start = time.perf_counter()
+        ipc = kind == "cuda_ipc"
+        several = ipc and self.world_size > 1
+        # The tensors as held, on the learner's device (ZeRO-1/2's views uncopied): packing is the one copy.
+        stream = self.state_buckets(device=self.device, every_rank=ipc, compact_views=False)
+        push_buckets(stream, kind, deliver, rank=self.rank, device=self.device,
+                     gather=self._all_gather_object if several else None,
+                     barrier=torch.distributed.barrier if several else None)
+        return time.perf_counter() - start
+
+    @staticmethod
+    def _all_gather_object(obj) -> list:
+        out = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(out, obj)
+        return out
 
     @torch.no_grad()
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> list[list[float]]:

@@ -1,7 +1,10 @@
 """How updated learner weights reach the rollout engines.
 
-* object_store (CPU, or any HF engine): rank 0 puts the weights in the object store one bucket at a
-  time as they are gathered (`tlcr_ray.training.gather`); every engine loads them bucket by bucket.
+* `weight_sync_method` picks one of the four below from ppo.weight_sync and where the actors landed.
+* cuda_ipc (CUDA, colocated) and shm (same node): bucket by bucket, by reference, each acked before the
+  next (`tlcr_ray.rl.handover`; learner `PPOLearner.push_weights`, engine `load_weight_handle`).
+* object_store (engines on other nodes, no NCCL): rank 0 puts the weights in the object store one bucket
+  at a time as they are gathered (`tlcr_ray.training.gather`); every engine loads them bucket by bucket.
 * nccl (CUDA learner + vLLM): learner rank 0 broadcasts the buckets into every vLLM worker over a
   stateless NCCL group, through vLLM's documented weight-transfer API; `NCCLWeightSender` is the learner's side,
   `VLLMRollout.init_weight_sync` / `receive_weights` the engines' side. Both sides must be issued
@@ -20,16 +23,44 @@ PACKED_BUFFER_SIZE_BYTES = 1024 * 1024 * 1024
 PACKED_NUM_BUFFERS = 2
 
 
-def weight_sync_method(backend: str, learner_on_cuda: bool, colocated: bool = False) -> str:
-    """How learner weights reach the rollout engines: "nccl" (learner rank 0 broadcasts into the
-    vLLM workers, GPU to GPU) when vLLM serves a CUDA learner on other GPUs, else "object_store" (a CPU
-    state dict put once and loaded by every engine: on one node, host shared memory). Colocated
-    (ppo.colocate all) engines share a GPU with a learner rank, and NCCL cannot put two ranks of one
-    group on one GPU, so they take the object store."""
-    if colocated:
-        return "object_store"
-    return "nccl" if learner_on_cuda and resolve_backend(backend) == "vllm" else "object_store"
+def weight_sync_method(backend: str, learner_on_cuda: bool, colocated: bool = False, *, requested: str = "auto",
+                       same_node: bool = False, shares_gpu: bool = False) -> str:
+    """How learner weights reach the rollout engines (ppo.weight_sync; "auto" picks the first that applies):
 
+    * cuda_ipc: CUDA learner, colocated (ppo.colocate all), and every engine's GPUs hold a learner rank
+      (`shares_gpu`): each rank hands its gathered bucket over by CUDA IPC handle, nothing is copied.
+      NCCL cannot put two ranks of one group on one GPU, so colocated engines never take nccl.
+    * nccl: vLLM serving a CUDA learner on other GPUs: learner rank 0 broadcasts, GPU to GPU.
+    * shm: every engine on learner rank 0's node (`same_node`): each bucket written once into a
+      /dev/shm file that the engines map (`tlcr_ray.rl.handover`), acked before the next.
+    * object_store: anything else (engines on other nodes without NCCL): buckets put in Ray's store.
+
+    An explicit `requested` method that cannot work here raises ValueError saying why.
+    """
+    vllm = resolve_backend(backend) == "vllm"
+    why_not = {
+        "cuda_ipc": None if learner_on_cuda and colocated and shares_gpu else
+        "needs a CUDA learner (ppo.learner.num_gpus > 0), ppo.colocate all and every rollout engine on a GPU "
+        "that holds a learner rank",
+        "nccl": None if learner_on_cuda and vllm and not colocated else
+        "needs a CUDA learner, the vLLM backend and ppo.colocate none (NCCL cannot put two ranks on one GPU)",
+        "shm": None if same_node else "needs every rollout engine on learner rank 0's node",
+        "object_store": None,
+    }
+    if requested != "auto":
+        if requested not in why_not:
+            raise ValueError(f"ppo.weight_sync {requested!r}: expected one of auto, {', '.join(why_not)}")
+        if why_not[requested]:
+            raise ValueError(f"ppo.weight_sync {requested}: {why_not[requested]}")
+        return requested
+    return next(method for method, reason in why_not.items() if reason is None)
+
+
+def shares_learner_gpu(learner_gpus: list[tuple[str, list[str]]], rollout_gpus: list[tuple[str, list[str]]]) -> bool:
+    """True when every rollout actor's GPUs each hold a learner rank. Each item: (node id, the GPU ids Ray
+    assigned the actor); a vLLM TP engine's actor asks no GPU itself and reports its workers' GPUs."""
+    held = {(node, gpu) for node, gpus in learner_gpus for gpu in gpus}
+    return bool(rollout_gpus) and all(gpus and all((node, gpu) in held for gpu in gpus) for node, gpus in rollout_gpus)
 
 
 def weight_update_info(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, list]:

@@ -54,11 +54,13 @@ def plan_buckets(module: nn.Module, bucket_bytes: int) -> list[list[tuple[str, t
 
 def state_buckets(module: nn.Module, *, zero3: bool, rank: int, bucket_bytes: int,
                   dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                  skip: Iterable[str] = ()) -> Iterator[dict[str, torch.Tensor] | None]:
+                  skip: Iterable[str] = (), compact_views: bool = True) -> Iterator[dict[str, torch.Tensor] | None]:
     """Yield the module's weights bucket by bucket: {name: tensor} on rank 0, None on the other ranks.
 
     Collective under ZeRO-3 (every rank must iterate to the end). `skip`: names left out (e.g. a tied
     lm_head.weight an HF folder does not store). `dtype`/`device`: the yielded tensors' (default: as held).
+    `compact_views` False: views into a larger storage (ZeRO-1/2) stay views, for a consumer that copies
+    them out itself (the same-node handover, `tlcr_ray.rl.handover`); never pickle those.
     """
     skip = set(skip)
     for bucket in plan_buckets(module, bucket_bytes):
@@ -72,9 +74,9 @@ def state_buckets(module: nn.Module, *, zero3: bool, rank: int, bucket_bytes: in
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                yield _rank0_view(entries, rank, dtype, device)
+                yield _rank0_view(entries, rank, dtype, device, compact_views)
         else:
-            yield _rank0_view(entries, rank, dtype, device)
+            yield _rank0_view(entries, rank, dtype, device, compact_views)
 
 
 GATHER_CHUNK_BYTES = 4 * 2**20
@@ -129,10 +131,11 @@ def _gather_param(param: nn.Parameter) -> torch.Tensor | None:
     return None if rows is None else rows.view(-1)[:param.ds_numel].view(param.ds_shape)
 
 
-def _rank0_view(entries, rank: int, dtype, device) -> dict[str, torch.Tensor] | None:
+def _rank0_view(entries, rank: int, dtype, device, compact_views: bool = True) -> dict[str, torch.Tensor] | None:
     if rank != 0:
         return None
-    return {name: compact(tensor.detach().to(device=device, dtype=dtype or tensor.dtype)) for name, tensor in entries}
+    keep = compact if compact_views else (lambda t: t)
+    return {name: keep(tensor.detach().to(device=device, dtype=dtype or tensor.dtype)) for name, tensor in entries}
 
 
 def compact(tensor: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,16 @@ class RolloutEngine(Protocol):
         """Replace the policy weights from buckets of HF-named tensors (`tlcr_ray.training.gather`),
         taking one bucket at a time (no whole-model copy on the receiving side either)."""
 
+    def begin_weight_load(self) -> None:
+        """Start a handed-over load (ppo.weight_sync shm | cuda_ipc): `load_weight_handle` per bucket follows."""
+
+    def load_weight_handle(self, handle: dict) -> None:
+        """Load one bucket given by its `tlcr_ray.rl.handover` handle (a /dev/shm file or CUDA IPC handles);
+        returning is the ack that lets the learner free the bucket."""
+
+    def finish_weight_load(self) -> None:
+        """End the load: check every weight arrived / run post-load processing; the new weights serve."""
+
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
         """Log-probs (temperature 1) of the given responses, for weight-sync checks."""
 

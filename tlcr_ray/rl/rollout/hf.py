@@ -109,21 +109,37 @@ class HFRollout:
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         self.load_weight_stream([state_dict])
 
-    @torch.no_grad()
     def load_weight_stream(self, buckets: Iterable[dict[str, torch.Tensor]]) -> None:
         """Replace the weights bucket by bucket (each copied in, then dropped); every weight must arrive."""
-        expected = set(self.model.state_dict())
-        loaded: set[str] = set()
+        self.begin_weight_load()
         for bucket in buckets:
-            _, unexpected = self.model.load_state_dict(bucket, strict=False)
-            if unexpected:
-                raise KeyError(f"HFRollout.load_weight_stream: unexpected {unexpected[:5]}")
-            loaded.update(bucket)
+            self._load_bucket(bucket)
             bucket = None  # released before the next bucket is gathered
+        self.finish_weight_load()
+
+    # The handed-over form of the same (ppo.weight_sync shm | cuda_ipc, `tlcr_ray.rl.handover`): one call per bucket.
+    def begin_weight_load(self) -> None:
+        self._loaded: set[str] = set()
+
+    def load_weight_handle(self, handle: dict) -> None:
+        """One bucket's handle: its tensors are views of the shared file / the learner's GPU buffer,
+        copied into the weights here and released on return."""
+        from tlcr_ray.rl.handover import open_handle
+
+        self._load_bucket(open_handle(handle, self.device))
+
+    def finish_weight_load(self) -> None:
         # Tied embeddings: lm_head.weight may be absent from the sender's buckets and that is fine.
-        missing = sorted(expected - loaded - {"lm_head.weight"})
+        missing = sorted(set(self.model.state_dict()) - self._loaded - {"lm_head.weight"})
         if missing:
-            raise KeyError(f"HFRollout.load_weight_stream: missing {missing[:5]}")
+            raise KeyError(f"HFRollout weight load: missing {missing[:5]}")
+
+    @torch.no_grad()
+    def _load_bucket(self, bucket: dict[str, torch.Tensor]) -> None:
+        _, unexpected = self.model.load_state_dict(bucket, strict=False)
+        if unexpected:
+            raise KeyError(f"HFRollout weight load: unexpected {unexpected[:5]}")
+        self._loaded.update(bucket)
 
     # ---- colocated phases (ppo.colocate all): free the shared GPU while the learner trains
     def sleep(self) -> dict:

