@@ -426,6 +426,9 @@ class EvalConfig:
     """GPUs of each evaluation task/actor on a worker (one policy engine plus the discriminator and RM)."""
     num_cpus: float = bounded(1.0, gt=0.0)
     """CPUs of each evaluation task/actor on a worker (its torch threads on a CPU worker)."""
+    vllm_memory_utilization: float = bounded(0.4, gt=0.0, le=1.0)
+    """Share of a worker's GPU the evaluation's vLLM engine takes (weights + KV cache); the discriminator and
+    RM, loaded beside it for the Figure 6 table, need the rest (`ppo.vllm_kv_cache_gib`, when set, wins)."""
 
     model: str | None = None
     """Model folder to evaluate (the CLI's --model wins)."""

@@ -15,6 +15,15 @@ from tlcr_ray.data.pairs import HUMAN, hh_dialogue
 from tlcr_ray.eval.runner import DRIVER, EvalPlace
 
 
+def eval_engine_kwargs(cfg, max_model_len: int | None) -> dict:
+    """The rollout engine's keywords in evaluation: one GPU per engine, eval.vllm_memory_utilization of it,
+    `max_model_len` tokens of context (None: the model's own)."""
+    from tlcr_ray.rl.rollout import engine_kwargs_of
+
+    return {**engine_kwargs_of(cfg), "tensor_parallel_size": 1, "max_model_len": max_model_len,
+            "gpu_memory_utilization": cfg.eval.vllm_memory_utilization}
+
+
 def chat_prompt(tokenizer, messages: list[dict]) -> str:
     """The generation prompt of a conversation: the tokenizer's chat template, else the HH format."""
     if tokenizer.chat_template:

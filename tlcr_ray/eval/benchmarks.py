@@ -25,7 +25,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from tlcr_ray.config import Config, ConfigError, EvalConfig
-from tlcr_ray.eval.answers import chat_prompt
+from tlcr_ray.eval.answers import chat_prompt, eval_engine_kwargs
 from tlcr_ray.eval.judge import (
     DEFAULT_BASE_URL,
     MT_BENCH_REF_CATEGORIES,
@@ -195,16 +195,10 @@ def _limited(items: list, limit: int | None) -> list:
     return items[:limit] if limit else items
 
 
-def answer_engine_kwargs(cfg: Config) -> dict:
-    """The rollout engine's keywords for answers: one GPU per engine, the model's own context length."""
-    from tlcr_ray.rl.rollout import engine_kwargs_of
-
-    return {**engine_kwargs_of(cfg), "tensor_parallel_size": 1, "max_model_len": None}
-
-
 def _generator(cfg: Config, model_dir: str, bench: str, runner: EvalRunner | None) -> AnswerGenerator:
     cache = KeyedJsonl(RunLayout.of(cfg).bench(bench).dir / "answers.jsonl")
-    return AnswerGenerator(model_dir, cfg.eval, cache, cfg.model.dtype, runner, answer_engine_kwargs(cfg))
+    # The model's own context: MT-Bench's second turn holds the first answer.
+    return AnswerGenerator(model_dir, cfg.eval, cache, cfg.model.dtype, runner, eval_engine_kwargs(cfg, None))
 
 
 def run_mt_bench(cfg: Config, model_dir: str, result_path: Path | None = None,

@@ -23,14 +23,15 @@ import torch
 from tlcr_ray.config import Config, ConfigError
 from tlcr_ray.data.pairs import load_split, rl_prompt_pools
 from tlcr_ray.data.tokens import encode_prompt_response
+from tlcr_ray.eval.answers import eval_engine_kwargs
+from tlcr_ray.eval.runner import DRIVER, EvalPlace, EvalRunner, LocalRunner
 from tlcr_ray.io import write_json_atomic
 from tlcr_ray.layout import RunLayout
 from tlcr_ray.methods import METHODS
 from tlcr_ray.models import load_head_model, load_tokenizer, resolve_model
-from tlcr_ray.eval.runner import DRIVER, EvalPlace, EvalRunner, LocalRunner
 from tlcr_ray.rl.batch import pack
 from tlcr_ray.rl.rewards import discriminator_probs, sequence_scores, token_rewards
-from tlcr_ray.rl.rollout import engine_kwargs_of, make_engine
+from tlcr_ray.rl.rollout import make_engine
 
 
 def heldout_prompts(cfg: Config, n: int) -> list[list[int]]:
@@ -85,8 +86,9 @@ def sample_and_score(cfg: Config, methods: list[str], prompts: list[list[int]], 
     layout = RunLayout.of(cfg)
     disc, rm = load_scorers(cfg, place)
     pad_id = load_tokenizer(resolve_model(cfg.model.tokenizer or cfg.model.base)).pad_token_id
-    # One GPU per engine; the HF backend reads only the dtype and device.
-    kwargs = {**engine_kwargs_of(cfg), "tensor_parallel_size": 1, "seed": cfg.ppo.seed, "device": place.device}
+    # The HF backend reads only the dtype and device. +1: as the PPO engines (engine_kwargs_of).
+    kwargs = {**eval_engine_kwargs(cfg, cfg.model.max_prompt_len + cfg.model.max_response_len + 1),
+              "seed": cfg.ppo.seed, "device": place.device}
     out = {}
     for key in methods:
         method = METHODS[key]
