@@ -107,6 +107,6 @@ def eval_runner(cfg: Config):
     if not decision.on_workers:
         print(f"tlcr: evaluation runs in the driver: {decision.reason}", file=sys.stderr, flush=True)
         return LocalRunner()
-    print(f"tlcr: evaluation runs on Ray workers ({decision.num_gpus:g} GPU, {ev.num_cpus:g} CPU each, "
-          f"backend {cfg.ppo.rollout_backend}, dtype {cfg.model.dtype}): {decision.reason}", file=sys.stderr, flush=True)
+    print(f"tlcr: evaluation runs on Ray workers ({decision.num_gpus:g} GPU, {ev.num_cpus:g} CPU each, backend "
+          f"{cfg.ppo.rollout_backend}, dtype {cfg.model.dtype}): {decision.reason}", file=sys.stderr, flush=True)
     return WorkerRunner(cfg.ppo.rollout_backend, decision.num_gpus, ev.num_cpus)

@@ -58,8 +58,9 @@ def score_samples(prompt_ids: list[list[int]], response_ids: list[list[int]], di
     continuous = (token_rewards(p, "continuous") * mask).sum(-1)
     discrete = (token_rewards(p, "fixed", cfg.reward.fixed_pos_threshold, cfg.reward.fixed_neg_threshold)
                 * mask).sum(-1)
-    rm_scores = sequence_scores(rm, packed.input_ids, packed.attention_mask).clamp(
-        -cfg.reward.sequence_clip, cfg.reward.sequence_clip) if rm is not None else torch.full((len(prompt_ids),), float("nan"))
+    clip = cfg.reward.sequence_clip
+    rm_scores = sequence_scores(rm, packed.input_ids, packed.attention_mask).clamp(-clip, clip) \
+        if rm is not None else torch.full((len(prompt_ids),), float("nan"))
     return [{"prompt_ids": prompt_ids[i], "response_ids": response_ids[i],
              "p": [round(x, 4) for x in p[i, :len(response_ids[i])].tolist()],
              "continuous_sum": float(continuous[i]), "discrete_sum": float(discrete[i]),
