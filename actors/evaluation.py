@@ -16,7 +16,7 @@ from typing import Iterable, Iterator
 import ray
 
 from tlcr_ray.config import Config
-from tlcr_ray.eval.runner import Call, EvalPlace, LocalRunner, eval_dispatch
+from tlcr_ray.eval.runner import Call, EvalPlace, LocalRunner, eval_dispatch, with_absolute_paths
 from tlcr_ray.local_ray import ensure_ray
 
 
@@ -68,7 +68,9 @@ class WorkerAnswers:
 
     def stream(self, batches: Iterable[list[str]]) -> Iterator[list[tuple[str, str]]]:
         if self.actor is None:
-            self.actor = AnswerWorker.options(**self.runner.resources).remote(*self.args, self.runner.backend)
+            model_dir, *rest = self.args
+            self.actor = AnswerWorker.options(**self.runner.resources).remote(os.path.abspath(model_dir), *rest,
+                                                                               self.runner.backend)
             self.runner.ran_on.append(ray.get(self.actor.whereabouts.remote()))
         for ref in [self.actor.generate.remote(batch) for batch in batches]:
             yield ray.get(ref)
@@ -77,6 +79,11 @@ class WorkerAnswers:
         if self.actor is not None:
             ray.kill(self.actor)
             self.actor = None
+
+
+def _portable(arg):
+    """A config with its relative paths made absolute (the worker runs elsewhere); anything else as it is."""
+    return with_absolute_paths(arg) if isinstance(arg, Config) else arg
 
 
 class WorkerRunner:
@@ -90,6 +97,7 @@ class WorkerRunner:
         self.ran_on: list[dict] = []
 
     def run_all(self, calls: list[Call]) -> list:
+        calls = [(fn, tuple(_portable(a) for a in args)) for fn, args in calls]
         outcomes = ray.get([_evaluate.options(**self.resources).remote(call, self.backend) for call in calls])
         self.ran_on += [where for _, where in outcomes]
         return [result for result, _ in outcomes]

@@ -89,3 +89,20 @@ def test_the_cli_picks_the_driver_without_loading_ray_when_no_cluster_is_named()
                           timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "LocalRunner"
+
+
+def test_a_worker_gets_the_config_with_absolute_local_paths(tmp_path, monkeypatch):
+    from tlcr_ray.eval.runner import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "x").mkdir(parents=True)
+    (tmp_path / "pairs.jsonl").write_text("")
+    cfg = load_config(None, ["output_dir=runs/x", "data.path=planted:pairs.jsonl", "model.base=meta-llama/Llama-2-7b-hf",
+                             "reward.discriminator=runs/missing"])
+    moved = with_absolute_paths(cfg)
+    assert moved.output_dir == str(tmp_path / "runs" / "x")
+    assert moved.data.path == f"planted:{tmp_path / 'pairs.jsonl'}"
+    assert moved.model.base == "meta-llama/Llama-2-7b-hf"      # a hub id stays one
+    assert moved.reward.discriminator == "runs/missing"       # nothing there: left for the worker's error
+    assert cfg.output_dir == "runs/x"                          # the driver's config is untouched
+    assert with_absolute_paths(load_config(None)).model.base == load_config(None).model.base  # embedded:...

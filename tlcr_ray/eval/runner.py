@@ -13,6 +13,8 @@ cluster's resources, never on whether the driver has CUDA). This module imports 
 """
 from __future__ import annotations
 
+import copy
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
@@ -81,6 +83,33 @@ def eval_dispatch(setting: str, cluster: dict[str, float] | None, num_gpus: floa
         return Dispatch(True, num_gpus, f"the cluster has {gpus:g} GPUs")
     why = "reports no GPU" if not gpus else f"has {gpus:g} GPUs, fewer than eval.num_gpus={num_gpus:g}"
     return Dispatch(False, 0.0, f"the cluster {why}" if num_gpus > 0 else "eval.num_gpus=0 under auto")
+
+
+PATH_FIELDS = ("output_dir", "data.path", "model.base", "model.tokenizer", "reward.discriminator",
+               "reward.reward_model", "ppo.policy", "disc.labels_path", "eval.model", "eval.mt_bench_dir",
+               "eval.alpaca_reference")
+"""The config's file and folder fields that an evaluation on a worker reads."""
+PATH_SCHEMES = ("planted:",)
+"""Prefixes followed by a local path (`data.path: planted:<source>`); other `name:` values are not paths."""
+
+
+def with_absolute_paths(cfg):
+    """A copy of `cfg` whose relative local paths (those that exist from this process's working directory)
+    are absolute: a worker runs in another directory (a cluster's, or the job's working_dir)."""
+    out = copy.deepcopy(cfg)
+    for dotted in PATH_FIELDS:
+        *parents, name = dotted.split(".")
+        owner = out
+        for parent in parents:
+            owner = getattr(owner, parent)
+        value = getattr(owner, name)
+        if not isinstance(value, str) or not value:
+            continue
+        scheme = next((s for s in PATH_SCHEMES if value.startswith(s)), "")
+        path = value[len(scheme):]
+        if (scheme or ":" not in path.split("/")[0]) and not os.path.isabs(path) and os.path.exists(path):
+            setattr(owner, name, scheme + os.path.abspath(path))
+    return out
 
 
 class AnswerEngine(Protocol):
