@@ -18,18 +18,9 @@ from actors.reward import RewardScorer
 from actors.rollout import Rollout
 from tlcr_ray.config import Config
 from tlcr_ray.placement import ActorSlot, ppo_placement
-from tlcr_ray.rl.rollout import resolve_backend
+from tlcr_ray.rl.rollout import engine_kwargs_of, resolve_backend
 from tlcr_ray.oom import TEST_OOM_ENV
 from tlcr_ray.rl.weight_sync import shares_learner_gpu, weight_sync_method
-
-
-def engine_kwargs_of(cfg: Config) -> dict:
-    """The `make_engine` keywords every rollout engine shares (its seed and placement settings are added)."""
-    ppo = cfg.ppo
-    return {"dtype": cfg.model.dtype, "gpu_memory_utilization": ppo.vllm_memory_utilization,
-            "tensor_parallel_size": ppo.vllm_tensor_parallel, "kv_cache_gib": ppo.vllm_kv_cache_gib,
-            # +1: scoring a full prompt + response still asks vLLM for one new token.
-            "max_model_len": cfg.model.max_prompt_len + cfg.model.max_response_len + 1}
 
 
 class ActorGroups:

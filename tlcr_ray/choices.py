@@ -31,6 +31,8 @@ GPU bundles with fractional GPU requests (the rollout sleeps and the learner off
 WEIGHT_SYNCS = ("auto", "cuda_ipc", "nccl", "shm", "object_store")
 """`ppo.weight_sync`: how learner weights reach the rollout engines (`tlcr_ray.rl.weight_sync`); auto picks
 cuda_ipc (colocated on CUDA), nccl (vLLM on other GPUs), shm (same node) or object_store, in that order."""
+EVAL_ON_WORKERS = ("auto", "never", "always")
+"""`eval.on_workers`: evaluation on Ray GPU workers when the connected cluster has GPUs, never, or always."""
 CRITIC_INITS = ("reward", "policy")
 """`ppo.critic_init`: the run's reward model (discriminator or sequence RM) or the initial policy."""
 RESUME = ("auto", "never")

@@ -17,15 +17,18 @@
     tlcr make-planted --output planted.jsonl [--source data/hh-rlhf/harmless-base/test.jsonl.gz --seed 0]
 
 This is the only module of `tlcr_ray` that reaches into the Ray layers (`actors`, `serve`), and only
-inside the subcommands that need them, so `tlcr label` never loads Ray.
+inside the subcommands that need them, so `tlcr label` never loads Ray. Evaluation (`eval ...`, `report`)
+reaches them only when there is a cluster to ask (`eval_runner`): on a machine without one it runs here.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
+import os
 import signal
 import sys
+from pathlib import Path
 from typing import Callable
 
 from tlcr_ray.choices import GPUS
@@ -108,6 +111,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def eval_runner(cfg: Config):
+    """Where evaluation runs (`tlcr_ray.eval.runner`): Ray workers when the connected cluster has GPUs
+    (`actors.evaluation`, eval.on_workers), else here; no Ray is started or imported to find that out
+    when no cluster is named and none runs."""
+    from tlcr_ray.eval.runner import LocalRunner, needs_cluster
+
+    ray = sys.modules.get("ray")
+    if not needs_cluster(cfg.eval.on_workers, os.environ.get("RAY_ADDRESS"), bool(ray and ray.is_initialized())):
+        return LocalRunner()
+    from actors.evaluation import eval_runner as cluster_runner
+
+    return cluster_runner(cfg)
+
+
+def _report(run_dir: str) -> dict:
+    from tlcr_ray.eval.report import load_run_config, write_report
+
+    return write_report(run_dir, eval_runner(load_run_config(Path(run_dir))))
+
+
+def _evaluate(cfg: Config, args: argparse.Namespace) -> dict:
+    return importlib.import_module(EVAL_TARGETS[args.target]).run_cli(cfg, args, eval_runner(cfg))
+
+
 def run_stage(command: str, cfg: Config, args: argparse.Namespace | None = None) -> dict | None:
     """Run one stage by its CLI name; `eval-<target>` and `report` are the pipeline's extra names."""
     args = args or argparse.Namespace(target=None, model=None, judge_base_url=None, judge_model=None, limit=None)
@@ -115,27 +142,25 @@ def run_stage(command: str, cfg: Config, args: argparse.Namespace | None = None)
         return _resolve(COMMANDS[command])(cfg, args)
     if command.startswith("eval-") and command.removeprefix("eval-") in EVAL_TARGETS:
         args.target = command.removeprefix("eval-")
-        return importlib.import_module(EVAL_TARGETS[args.target]).run_cli(cfg, args)
+        return _evaluate(cfg, args)
     if command == "report":
-        from tlcr_ray.eval.report import write_report
-
-        return write_report(cfg.output_dir)
+        return _report(cfg.output_dir)
     raise ValueError(f"unknown stage {command!r}")
 
 
 def dispatch(args: argparse.Namespace) -> dict | None:
     """Run the parsed subcommand; -> its JSON-able summary."""
     if args.command == "report":
-        from tlcr_ray.eval.report import write_report
-
-        return write_report(args.run_dir)
+        if not Path(args.run_dir).is_dir():
+            raise FileNotFoundError(f"{args.run_dir}: no such run folder")
+        return _report(args.run_dir)
     if args.command == "make-planted":
         from tlcr_ray.data.planted import write_planted
 
         return write_planted(args.source, args.output, seed=args.seed, substitute=args.substitute)
     cfg = load_config(args.config, args.overrides)
     if args.command == "eval":
-        return importlib.import_module(EVAL_TARGETS[args.target]).run_cli(cfg, args)
+        return _evaluate(cfg, args)
     if args.command == "serve":
         from serve.app import run_cli
 

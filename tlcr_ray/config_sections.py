@@ -13,6 +13,7 @@ from tlcr_ray.choices import (
     CRITIC_INITS,
     DTYPE_ALIASES,
     DTYPES,
+    EVAL_ON_WORKERS,
     EXPORT_DTYPES,
     KL_ESTIMATORS,
     LR_SCHEDULES,
@@ -412,7 +413,22 @@ class ServeConfig:
 
 @dataclass
 class EvalConfig:
-    """`tlcr eval mt-bench|alpaca-eval`: HF generation on CPU, then an OpenAI-compatible judge."""
+    """`tlcr eval ...` and the report's model work: where it runs (`on_workers`), then, for MT-Bench and
+    AlpacaEval, answer generation and an OpenAI-compatible judge."""
+
+    on_workers: str = choice("auto", EVAL_ON_WORKERS)
+    """Where evaluation runs (held-out disc/RM/DPO metrics, the report's Figure 6 table and heat-map, MT-Bench
+    and AlpacaEval answers). `auto`: in Ray tasks/actors on GPU workers (eval.num_gpus each, the model's
+    dtype, ppo.rollout_backend for sampling: vLLM) when the connected cluster (RAY_ADDRESS, or the Ray the
+    pipeline started) has GPUs, else in the driver on its CPU with HF `generate`; `never`: always the
+    driver; `always`: workers even without GPUs in the cluster (with eval.num_gpus=0: CPU workers)."""
+    num_gpus: float = bounded(1.0, ge=0.0)
+    """GPUs of each evaluation task/actor on a worker (one policy engine plus the discriminator and RM)."""
+    num_cpus: float = bounded(1.0, gt=0.0)
+    """CPUs of each evaluation task/actor on a worker (its torch threads on a CPU worker)."""
+    vllm_memory_utilization: float = bounded(0.4, gt=0.0, le=1.0)
+    """Share of a worker's GPU the evaluation's vLLM engine takes (weights + KV cache); the discriminator and
+    RM, loaded beside it for the Figure 6 table, need the rest (`ppo.vllm_kv_cache_gib`, when set, wins)."""
 
     model: str | None = None
     """Model folder to evaluate (the CLI's --model wins)."""

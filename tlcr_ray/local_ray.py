@@ -38,13 +38,15 @@ def set_process_defaults() -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 
-def ensure_ray(num_cpus: int | None = None, env_vars: dict[str, str] | None = None) -> bool:
+def ensure_ray(num_cpus: int | None = None, env_vars: dict[str, str] | None = None,
+               num_gpus: int | None = None) -> bool:
     """Join the cluster named by RAY_ADDRESS (returns False), else start a fresh local Ray whose every
     server listens on 127.0.0.1 (returns True: this process owns it and stops it on exit).
 
     `address="local"`: a bare `ray.init()` would join whatever /tmp/ray/ray_current_cluster names,
-    someone else's `ray start`. `num_cpus` and `env_vars` (added to every worker's environment) shape
-    a local Ray only: a cluster or Ray job brings its own (deploy/runtime_env.yaml).
+    someone else's `ray start`. `num_cpus`, `num_gpus` (None: what Ray detects; a number on a CPU machine
+    makes fake GPU resources, as the tests of GPU placement use) and `env_vars` (added to every worker's
+    environment) shape a local Ray only: a cluster or Ray job brings its own (deploy/runtime_env.yaml).
     """
     global _started
     import ray
@@ -73,7 +75,8 @@ def ensure_ray(num_cpus: int | None = None, env_vars: dict[str, str] | None = No
     try:
         # Workers import actors/ and serve/ from this checkout even when the package is not installed.
         ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=False, num_cpus=num_cpus,
-                 log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), **(env_vars or {})}})
+                 num_gpus=num_gpus, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), **(env_vars or {})}})
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved
         if _handler is not None:  # ray.init() set SIGTERM to sys.exit and Ray's core worker put its crash

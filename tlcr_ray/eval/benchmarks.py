@@ -5,10 +5,12 @@ against reference outputs) with any OpenAI-compatible judge.
     tlcr eval alpaca-eval --model runs/demo/sft/model --judge-base-url http://127.0.0.1:8000/v1 \
                           --judge-model my-judge --limit 50
 
-Answers come from HF `generate` on CPU: batched, greedy by default, through the tokenizer's chat
-template, or, for a base model without one (Llama-2-7b-hf), the HH-RLHF dialogue format the policy was
-trained on (`data.pairs.hh_dialogue`; the answer ends at the next "\n\nHuman:"); MT-Bench's second turn
-is conditioned on the model's own first answer. Each finished
+Answers are generated in batches, greedy by default, through the tokenizer's chat template, or, for a
+base model without one (Llama-2-7b-hf), the HH-RLHF dialogue format the policy was trained on
+(`eval.answers`); MT-Bench's second turn is conditioned on the model's own first answer. Where: HF
+`generate` on the driver's CPU, or, on a cluster with GPUs (`eval.on_workers`), a Ray actor on a GPU
+worker with the rollout backend (`ppo.rollout_backend`, vLLM) in the model's dtype (`eval.runner`,
+`actors/evaluation.py`). Each finished
 batch is appended to `<output_dir>/eval/<bench>/answers.jsonl` and each judgment to
 `.../judgments.jsonl` (see judge.py), so a rerun generates and judges nothing twice and retries
 only failed judgments. Results go to `<output_dir>/eval/<bench>.json`.
@@ -23,7 +25,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from tlcr_ray.config import Config, ConfigError, EvalConfig
-from tlcr_ray.data.pairs import HUMAN, hh_dialogue
+from tlcr_ray.eval.answers import chat_prompt, eval_engine_kwargs
 from tlcr_ray.eval.judge import (
     DEFAULT_BASE_URL,
     MT_BENCH_REF_CATEGORIES,
@@ -33,6 +35,7 @@ from tlcr_ray.eval.judge import (
     mt_bench_requests,
     pairwise_request,
 )
+from tlcr_ray.eval.runner import AnswerEngine, EvalRunner, LocalRunner
 from tlcr_ray.io import KeyedJsonl, iter_jsonl, read_json, write_json_atomic
 from tlcr_ray.layout import REPO_ROOT, RunLayout
 
@@ -92,77 +95,52 @@ def model_fingerprint(model_dir: str) -> str:
 
 
 class AnswerGenerator:
-    """Chat answers from an HF causal LM, cached by (model fingerprint, messages, decoding settings).
+    """Chat answers of one model, cached by (model fingerprint, messages, decoding settings).
 
-    The model is loaded only when some answer is missing from the cache.
+    The model is loaded (by `runner`: here, or on a GPU worker, `tlcr_ray.eval.runner`) only when some
+    answer is missing from the cache; each finished batch is appended to the cache as it comes back.
     """
 
-    def __init__(self, model_dir: str, cfg: EvalConfig, cache: KeyedJsonl, dtype: str = "float32"):
+    def __init__(self, model_dir: str, cfg: EvalConfig, cache: KeyedJsonl, dtype: str = "float32",
+                 runner: EvalRunner | None = None, engine_kwargs: dict | None = None):
         self.model_dir, self.cfg, self.cache, self.dtype = model_dir, cfg, cache, dtype
+        self.runner, self.engine_kwargs = runner or LocalRunner(), engine_kwargs or {}
         self.fingerprint = model_fingerprint(model_dir)
-        self.model = self.tokenizer = None
+        self.engine: AnswerEngine | None = None
+        self.tokenizer = None
 
     def key(self, messages: list[dict]) -> str:
         blob = json.dumps([self.fingerprint, messages, self.cfg.max_new_tokens, self.cfg.temperature,
                            self.cfg.seed if self.cfg.temperature > 0 else None], ensure_ascii=False)
         return hashlib.sha1(blob.encode("utf-8")).hexdigest()
 
-    def _load(self) -> None:
-        import torch
-
-        from tlcr_ray.models import load_policy, load_tokenizer
-
-        self.tokenizer = load_tokenizer(self.model_dir)
-        self.tokenizer.padding_side = "left"  # decoder-only batched generation continues from the right edge
-        self.model = load_policy(self.model_dir, dtype=self.dtype).eval()
-        torch.manual_seed(self.cfg.seed)
-
     def answer(self, conversations: list[list[dict]], desc: str) -> list[dict]:
         """Conversations ending with a user turn -> cache rows {answer, finish_reason, ...}, in order."""
         keys = [self.key(c) for c in conversations]
         missing = {k: c for k, c in zip(keys, conversations) if k not in self.cache.rows}
         if missing:
-            if self.model is None:
-                self._load()
+            if self.engine is None:
+                from tlcr_ray.models import load_tokenizer
+
+                self.tokenizer = load_tokenizer(self.model_dir)  # the prompts are rendered here, the answers there
+                self.engine = self.runner.answer_engine(self.model_dir, self.dtype, self.cfg, self.engine_kwargs)
             prompts = {k: chat_prompt(self.tokenizer, c) for k, c in missing.items()}
             # Similar lengths in one batch waste less compute on padding.
             order = sorted(prompts, key=lambda k: len(prompts[k]))
+            batches = [order[start:start + self.cfg.batch_size] for start in range(0, len(order), self.cfg.batch_size)]
             with tqdm(total=len(order), desc=desc, unit="answer") as bar:
-                for start in range(0, len(order), self.cfg.batch_size):
-                    batch = order[start:start + self.cfg.batch_size]
-                    for key, (text, finish) in zip(batch, self._generate([prompts[k] for k in batch])):
+                for batch, answers in zip(batches, self.engine.stream([prompts[k] for k in b] for b in batches)):
+                    for key, (text, finish) in zip(batch, answers):
                         self.cache.add({"key": key, "model": self.model_dir, "messages": missing[key],
                                         "answer": text, "finish_reason": finish})
                     bar.update(len(batch))
         return [self.cache.rows[k] for k in keys]
 
-    def _generate(self, prompts: list[str]) -> list[tuple[str, str]]:
-        """-> (answer text, "stop" | "length") per prompt."""
-        import torch
-
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        sampling = {"do_sample": True, "temperature": self.cfg.temperature, "top_p": 1.0} \
-            if self.cfg.temperature > 0 else {"do_sample": False}
-        with torch.inference_mode():
-            out = self.model.generate(**enc, max_new_tokens=self.cfg.max_new_tokens,
-                                      pad_token_id=self.tokenizer.pad_token_id, **sampling)
-        new_tokens = out[:, enc["input_ids"].shape[1]:]  # [batch, <= max_new_tokens]
-        eos = self.tokenizer.eos_token_id
-        results = []
-        for row in new_tokens.tolist():
-            finish = "stop" if eos in row or len(row) < self.cfg.max_new_tokens else "length"
-            text = self.tokenizer.decode(row, skip_special_tokens=True)
-            if not self.tokenizer.chat_template and HUMAN in text:  # HH format: the model's invented next turn
-                text, finish = text.split(HUMAN, 1)[0], "stop"
-            results.append((text.strip(), finish))
-        return results
-
-
-def chat_prompt(tokenizer, messages: list[dict]) -> str:
-    """The generation prompt of a conversation: the tokenizer's chat template, else the HH format."""
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return hh_dialogue(messages)
+    def close(self) -> None:
+        """Free the model (on a worker: its GPU)."""
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
 
 
 # ---------------------------------------------------------------- summaries
@@ -217,19 +195,30 @@ def _limited(items: list, limit: int | None) -> list:
     return items[:limit] if limit else items
 
 
-def run_mt_bench(cfg: Config, model_dir: str, result_path: Path | None = None) -> dict:
-    """MT-Bench of one model -> its result, also written to `result_path` (default eval/mt-bench.json)."""
+def _generator(cfg: Config, model_dir: str, bench: str, runner: EvalRunner | None) -> AnswerGenerator:
+    cache = KeyedJsonl(RunLayout.of(cfg).bench(bench).dir / "answers.jsonl")
+    # The model's own context: MT-Bench's second turn holds the first answer.
+    return AnswerGenerator(model_dir, cfg.eval, cache, cfg.model.dtype, runner, eval_engine_kwargs(cfg, None))
+
+
+def run_mt_bench(cfg: Config, model_dir: str, result_path: Path | None = None,
+                 runner: EvalRunner | None = None) -> dict:
+    """MT-Bench of one model -> its result, also written to `result_path` (default eval/mt-bench.json).
+    `runner`: where the answers are generated (None: here)."""
     ev, layout = cfg.eval, RunLayout.of(cfg)
     base_url = ev.judge_base_url or DEFAULT_BASE_URL
     judge_api_key(ev, base_url)  # a missing key fails now, not after an hour of generation
     questions, references, templates = load_mt_bench(ev.mt_bench_dir or REPO_DATA / "mt-bench")
     questions = _limited(questions, ev.limit)
-    gen = AnswerGenerator(model_dir, ev, KeyedJsonl(layout.bench("mt-bench").dir / "answers.jsonl"), cfg.model.dtype)
-    first = gen.answer([[{"role": "user", "content": q["turns"][0]}] for q in questions], "mt-bench turn 1")
-    second = gen.answer([[{"role": "user", "content": q["turns"][0]},
-                          {"role": "assistant", "content": a["answer"]},
-                          {"role": "user", "content": q["turns"][1]}] for q, a in zip(questions, first)],
-                        "mt-bench turn 2")
+    gen = _generator(cfg, model_dir, "mt-bench", runner)
+    try:
+        first = gen.answer([[{"role": "user", "content": q["turns"][0]}] for q in questions], "mt-bench turn 1")
+        second = gen.answer([[{"role": "user", "content": q["turns"][0]},
+                              {"role": "assistant", "content": a["answer"]},
+                              {"role": "user", "content": q["turns"][1]}] for q, a in zip(questions, first)],
+                            "mt-bench turn 2")
+    finally:
+        gen.close()
     requests = []
     for q, a1, a2 in zip(questions, first, second):
         reference = (references.get(q["question_id"]) or q.get("reference")) \
@@ -242,14 +231,17 @@ def run_mt_bench(cfg: Config, model_dir: str, result_path: Path | None = None) -
                          truncated, summary)
 
 
-def run_alpaca_eval(cfg: Config, model_dir: str) -> dict:
+def run_alpaca_eval(cfg: Config, model_dir: str, runner: EvalRunner | None = None) -> dict:
     ev, layout = cfg.eval, RunLayout.of(cfg)
     base_url = ev.judge_base_url or DEFAULT_BASE_URL
     judge_api_key(ev, base_url)
     reference_path = ev.alpaca_reference or REPO_DATA / "alpaca-eval" / "gpt4_1106_preview_outputs.json"
     items = _limited(load_alpaca_reference(reference_path), ev.limit)
-    gen = AnswerGenerator(model_dir, ev, KeyedJsonl(layout.bench("alpaca-eval").dir / "answers.jsonl"), cfg.model.dtype)
-    answers = gen.answer([[{"role": "user", "content": it["instruction"]}] for it in items], "alpaca-eval")
+    gen = _generator(cfg, model_dir, "alpaca-eval", runner)
+    try:
+        answers = gen.answer([[{"role": "user", "content": it["instruction"]}] for it in items], "alpaca-eval")
+    finally:
+        gen.close()
     requests = [pairwise_request(i, it["instruction"], a["answer"], it["output"], ev.judge_model, ev.seed)
                 for i, (it, a) in enumerate(zip(items, answers))]
     records = judge_all(requests, layout.bench("alpaca-eval").dir / "judgments.jsonl", ev, ev.judge_model, ev.judge_base_url)
@@ -272,17 +264,18 @@ def _write_result(path: Path, bench: str, cfg: Config, model_dir: str, questions
     return result
 
 
-def evaluate(bench: str, cfg: Config, model: str) -> dict:
+def evaluate(bench: str, cfg: Config, model: str, runner: EvalRunner | None = None) -> dict:
     from tlcr_ray.models import resolve_model
 
     runners = {"mt-bench": run_mt_bench, "alpaca-eval": run_alpaca_eval}
     if bench not in runners:
         raise ConfigError(f"unknown benchmark {bench!r}; expected one of {', '.join(BENCHES)}")
-    return runners[bench](cfg, resolve_model(model))
+    return runners[bench](cfg, resolve_model(model), runner=runner)
 
 
-def run_cli(cfg: Config, args) -> dict:
-    """`tlcr eval mt-bench|alpaca-eval`: command-line flags override the `eval` config section."""
+def run_cli(cfg: Config, args, runner: EvalRunner | None = None) -> dict:
+    """`tlcr eval mt-bench|alpaca-eval`: command-line flags override the `eval` config section; `runner`
+    (the CLI's choice, `eval.runner`): where the answers are generated."""
     ev = cfg.eval
     ev.judge_base_url = args.judge_base_url or ev.judge_base_url
     ev.judge_model = args.judge_model or ev.judge_model
@@ -290,6 +283,6 @@ def run_cli(cfg: Config, args) -> dict:
     model = args.model or ev.model
     if not model:
         raise ConfigError("eval: no model to evaluate; pass --model DIR or set eval.model")
-    result = evaluate(args.target, cfg, model)
+    result = evaluate(args.target, cfg, model, runner)
     result.pop("errors", None)  # the per-item list stays in the results file; the console gets the figures
     return result

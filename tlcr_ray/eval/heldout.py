@@ -5,7 +5,9 @@
     tlcr eval dpo  --config configs/demo.yaml      # -> <output_dir>/dpo/eval.json (implicit reward margins)
 
 The held-out pairs are the ones training left out (`training.is_heldout` by pair id, with the stage's
-`eval_fraction` and `seed`), so no split file needs to be kept in step.
+`eval_fraction` and `seed`), so no split file needs to be kept in step. Where: `run_cli(cfg, args, runner)`
+runs `evaluate_<stage>` on the driver's CPU, or in a Ray task on a GPU worker in the model's dtype when
+the cluster has GPUs (`tlcr_ray.eval.runner`); the driver writes eval.json either way.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from tlcr_ray import training as stages
+from tlcr_ray.eval.runner import DRIVER, EvalPlace, EvalRunner, run_one
 from tlcr_ray.io import write_json_atomic
 from tlcr_ray.layout import RunLayout
 from tlcr_ray.models import load_head_model, load_tokenizer
@@ -25,6 +28,12 @@ from tlcr_ray.rl.rewards import token_rewards
 def _batches(items: list, size: int, desc: str):
     return tqdm([items[i:i + size] for i in range(0, len(items), size)], desc=desc, unit="batch", file=sys.stderr,
                 leave=False)
+
+
+def _on(model, batch: dict) -> dict:
+    """The batch's tensors on the model's device."""
+    device = next(model.parameters()).device
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _auc(low: torch.Tensor, high: torch.Tensor) -> float | None:
@@ -48,16 +57,16 @@ def disc_token_metrics(model, examples: list[dict], pad_id: int, batch_size: int
     counts = {"pos": 0, "pos_hit": 0, "neg": 0, "neg_hit": 0}
     neg_logits, neutral_logits = [], []
     for chunk in _batches(examples, batch_size, "eval disc tokens"):
-        batch = stages.collate("disc", chunk, pad_id)
-        logits = model(batch["input_ids"], batch["attention_mask"])
+        batch = _on(model, stages.collate("disc", chunk, pad_id))
+        logits = model(batch["input_ids"], batch["attention_mask"]).float()
         predicted_good = logits > 0
         targets = batch["targets"]
         counts["pos"] += int((targets == 1).sum())
         counts["pos_hit"] += int(((targets == 1) & predicted_good).sum())
         counts["neg"] += int((targets == 0).sum())
         counts["neg_hit"] += int(((targets == 0) & ~predicted_good).sum())
-        neg_logits.append(logits[targets == 0].float())
-        neutral_logits.append(logits[targets == 0.5].float())
+        neg_logits.append(logits[targets == 0].cpu())
+        neutral_logits.append(logits[targets == 0.5].cpu())
     decided = counts["pos"] + counts["neg"]
     return {
         "token_accuracy": (counts["pos_hit"] + counts["neg_hit"]) / decided if decided else None,
@@ -91,7 +100,8 @@ def mean_token_rewards(model, tokenizer, prompts: list[str], responses: list[str
         ids = stages.pad([c[0] for c in chunk], tokenizer.pad_token_id)
         attention = stages.pad([[1] * len(c[0]) for c in chunk], 0)
         response = stages.pad([c[1] for c in chunk], 0).bool()  # [B, T]
-        rewards = token_rewards(torch.sigmoid(model(ids, attention)), "continuous")
+        device = next(model.parameters()).device
+        rewards = token_rewards(torch.sigmoid(model(ids.to(device), attention.to(device)).float().cpu()), "continuous")
         counts = response.sum(1).clamp(min=1)
         means.extend(((rewards * response).sum(1) / counts).tolist())
     return means
@@ -103,8 +113,8 @@ def rm_pair_metrics(model, examples: list[dict], pad_id: int, batch_size: int = 
     model.eval()
     right, margins = 0, []
     for chunk in _batches(examples, batch_size, "eval rm"):
-        batch = stages.collate("rm", chunk, pad_id)
-        chosen, rejected = model(batch["input_ids"], batch["attention_mask"]).chunk(2)
+        batch = _on(model, stages.collate("rm", chunk, pad_id))
+        chosen, rejected = model(batch["input_ids"], batch["attention_mask"]).float().chunk(2)
         right += int((chosen > rejected).sum())
         margins.extend((chosen - rejected).tolist())
     return {"pairwise_accuracy": right / len(examples) if examples else None,
@@ -118,9 +128,11 @@ def _heldout_pairs(cfg, pair_ids: set[str]):
     return [p for p in every if p.pair_id in pair_ids]
 
 
-def _load_heldout(cfg, stage: str, model_dir) -> tuple:
-    """The stage's model and tokenizer, and the examples its training left out -> (model, tokenizer, heldout, stats)."""
-    model, tokenizer = load_head_model(model_dir), load_tokenizer(str(model_dir))
+def _load_heldout(cfg, stage: str, model_dir, place: EvalPlace) -> tuple:
+    """The stage's model (on `place`) and tokenizer, and the examples its training left out -> (model,
+    tokenizer, heldout, stats)."""
+    model = load_head_model(model_dir, place.head_dtype(cfg)).to(place.device)
+    tokenizer = load_tokenizer(str(model_dir))
     _, heldout, stats = stages.stage_examples(cfg, stage, tokenizer)
     if not heldout:
         fraction = getattr(cfg, stage).eval_fraction
@@ -129,9 +141,9 @@ def _load_heldout(cfg, stage: str, model_dir) -> tuple:
     return model, tokenizer, heldout, stats
 
 
-def evaluate_disc(cfg) -> dict:
+def evaluate_disc(cfg, *, place: EvalPlace = DRIVER) -> dict:
     model_dir = RunLayout.of(cfg).discriminator
-    model, tokenizer, heldout, stats = _load_heldout(cfg, "disc", model_dir)
+    model, tokenizer, heldout, stats = _load_heldout(cfg, "disc", model_dir, place)
     batch = cfg.disc.micro_batch_size
     result = {"model": str(model_dir), "labels": stats.get("labels"), "eval_fraction": cfg.disc.eval_fraction,
               **disc_token_metrics(model, heldout, tokenizer.pad_token_id, batch)}
@@ -149,9 +161,9 @@ def evaluate_disc(cfg) -> dict:
     return result
 
 
-def evaluate_rm(cfg) -> dict:
+def evaluate_rm(cfg, *, place: EvalPlace = DRIVER) -> dict:
     model_dir = RunLayout.of(cfg).reward_model
-    model, tokenizer, heldout, _ = _load_heldout(cfg, "rm", model_dir)
+    model, tokenizer, heldout, _ = _load_heldout(cfg, "rm", model_dir, place)
     return {"model": str(model_dir), "eval_fraction": cfg.rm.eval_fraction,
             **rm_pair_metrics(model, heldout, tokenizer.pad_token_id, cfg.rm.micro_batch_size)}
 
@@ -165,7 +177,7 @@ def dpo_pair_metrics(policy, examples: list[dict], pad_id: int, beta: float, bat
     policy.eval()
     margins = []
     for chunk in _batches(examples, batch_size, "eval dpo"):
-        batch = stages.collate("dpo", chunk, pad_id)
+        batch = _on(policy, stages.collate("dpo", chunk, pad_id))
         logps = response_logps(policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
                                batch["labels"])
         margins.extend(implicit_margins(logps, batch["ref_logps"], beta).tolist())
@@ -173,9 +185,9 @@ def dpo_pair_metrics(policy, examples: list[dict], pad_id: int, beta: float, bat
             "mean_margin": sum(margins) / len(margins) if margins else None, "pairs": len(examples)}
 
 
-def evaluate_dpo(cfg) -> dict:
+def evaluate_dpo(cfg, *, place: EvalPlace = DRIVER) -> dict:
     """The DPO policy on its held-out pairs, with the reference log-probs training cached (computed with
-    the SFT model here when the cache is missing or stale)."""
+    the SFT model on `place` when the cache is missing or stale)."""
     from tlcr_ray.models import load_policy, resolve_model
     from tlcr_ray.training import dpo
 
@@ -188,17 +200,18 @@ def evaluate_dpo(cfg) -> dict:
     reference = resolve_model(stages.stage_init(cfg, "dpo")[0])
 
     def compute(examples):
-        return dpo.compute_reference_logps(load_policy(reference, cfg.model.dtype), examples, tokenizer.pad_token_id,
-                                           cfg.dpo.micro_batch_size)
+        return dpo.compute_reference_logps(load_policy(reference, cfg.model.dtype).to(place.device), examples,
+                                           tokenizer.pad_token_id, cfg.dpo.micro_batch_size, place.device)
 
     dpo.attach(heldout, dpo.cached_reference_logps(layout.dpo_reference_logps, train + heldout, reference, compute))
-    policy = load_policy(str(model_dir), cfg.model.dtype)
+    policy = load_policy(str(model_dir), cfg.model.dtype).to(place.device)
     return {"model": str(model_dir), "reference": reference, "beta": cfg.dpo.beta, "eval_fraction": cfg.dpo.eval_fraction,
             **dpo_pair_metrics(policy, heldout, tokenizer.pad_token_id, cfg.dpo.beta, cfg.dpo.micro_batch_size)}
 
 
-def run_cli(cfg, args) -> dict:
-    """`tlcr eval disc|rm|dpo`: evaluate and write <output_dir>/<stage>/eval.json (atomically)."""
-    result = {"disc": evaluate_disc, "rm": evaluate_rm, "dpo": evaluate_dpo}[args.target](cfg)
+def run_cli(cfg, args, runner: EvalRunner | None = None) -> dict:
+    """`tlcr eval disc|rm|dpo`: evaluate where `runner` says (None: here) and write
+    <output_dir>/<stage>/eval.json (atomically, here)."""
+    result = run_one(runner, {"disc": evaluate_disc, "rm": evaluate_rm, "dpo": evaluate_dpo}[args.target], cfg)
     out = write_json_atomic(RunLayout.of(cfg).stage(args.target).eval, result)
     return {"eval": str(out), **result}

@@ -18,14 +18,15 @@ from pathlib import Path
 from tlcr_ray.config import Config
 from tlcr_ray.eval.benchmarks import (
     REPO_DATA,
-    AnswerGenerator,
+    _generator,
     _limited,
     load_alpaca_reference,
     run_mt_bench,
     win_rate_summary,
 )
 from tlcr_ray.eval.judge import DEFAULT_BASE_URL, judge_all, judge_api_key, pairwise_request
-from tlcr_ray.io import KeyedJsonl, write_json_atomic
+from tlcr_ray.eval.runner import EvalRunner
+from tlcr_ray.io import write_json_atomic
 from tlcr_ray.layout import RunLayout
 from tlcr_ray.methods import METHODS
 
@@ -41,18 +42,19 @@ def present_methods(cfg: Config) -> list[tuple[str, Path]]:
     return [(name, m.model(layout)) for name, m in METHODS.items() if (m.model(layout) / "config.json").exists()]
 
 
-def _alpaca_answers(cfg: Config, model_dir: Path, items: list[dict], desc: str) -> list[str]:
-    cache = KeyedJsonl(RunLayout.of(cfg).bench("alpaca-eval").dir / "answers.jsonl")
+def _alpaca_answers(cfg: Config, model_dir: Path, items: list[dict], desc: str, runner: EvalRunner | None) -> list[str]:
+    gen = _generator(cfg, str(model_dir), "alpaca-eval", runner)
     try:
-        rows = AnswerGenerator(str(model_dir), cfg.eval, cache, cfg.model.dtype).answer(
-            [[{"role": "user", "content": it["instruction"]}] for it in items], desc)
+        rows = gen.answer([[{"role": "user", "content": it["instruction"]}] for it in items], desc)
     finally:
-        cache.close()
+        gen.close()
+        gen.cache.close()
     return [r["answer"] for r in rows]
 
 
-def judge_table(cfg: Config) -> dict:
-    """Judge every present method; -> the table (also written to eval/judge-table.json)."""
+def judge_table(cfg: Config, runner: EvalRunner | None = None) -> dict:
+    """Judge every present method; -> the table (also written to eval/judge-table.json). `runner`: where
+    the answers are generated (None: here; `tlcr_ray.eval.runner`)."""
     ev, layout = cfg.eval, RunLayout.of(cfg)
     judge_api_key(ev, ev.judge_base_url or DEFAULT_BASE_URL)  # a missing key fails before any generation
     methods = present_methods(cfg)
@@ -61,7 +63,7 @@ def judge_table(cfg: Config) -> dict:
     folder = layout.judge_table.dir
     rows, mt_questions = {}, None
     for name, model_dir in methods:
-        result = run_mt_bench(cfg, str(model_dir), result_path=folder / f"mt-bench-{name}.json")
+        result = run_mt_bench(cfg, str(model_dir), result_path=folder / f"mt-bench-{name}.json", runner=runner)
         mt_questions = result["questions"]
         rows[name] = {"label": METHODS[name].label, "model": str(model_dir),
                       "mt_bench": {k: result[k] for k in MT_KEYS}}
@@ -69,11 +71,11 @@ def judge_table(cfg: Config) -> dict:
     if WINNER in rows:
         reference_path = ev.alpaca_reference or REPO_DATA / "alpaca-eval" / "gpt4_1106_preview_outputs.json"
         items = _limited(load_alpaca_reference(reference_path), ev.limit)
-        winner = _alpaca_answers(cfg, dict(methods)[WINNER], items, f"alpaca-eval {WINNER}")
+        winner = _alpaca_answers(cfg, dict(methods)[WINNER], items, f"alpaca-eval {WINNER}", runner)
         for name, model_dir in methods:
             if name == WINNER:
                 continue
-            other = _alpaca_answers(cfg, model_dir, items, f"alpaca-eval {name}")
+            other = _alpaca_answers(cfg, model_dir, items, f"alpaca-eval {name}", runner)
             requests = [pairwise_request(i, it["instruction"], a, b, ev.judge_model, ev.seed)
                         for i, (it, a, b) in enumerate(zip(items, winner, other))]
             records = judge_all(requests, folder / "judgments.jsonl", ev, ev.judge_model, ev.judge_base_url)
@@ -109,10 +111,10 @@ def markdown(table: dict) -> list[str]:
     return lines + [""]
 
 
-def run_cli(cfg: Config, args) -> dict:
+def run_cli(cfg: Config, args, runner: EvalRunner | None = None) -> dict:
     """`tlcr eval judge-table`: command-line flags override the `eval` section, as for the benchmarks."""
     ev = cfg.eval
     ev.judge_base_url = getattr(args, "judge_base_url", None) or ev.judge_base_url
     ev.judge_model = getattr(args, "judge_model", None) or ev.judge_model
     ev.limit = args.limit if getattr(args, "limit", None) is not None else ev.limit
-    return judge_table(cfg)
+    return judge_table(cfg, runner)

@@ -3,7 +3,9 @@
     tlcr report runs/demo
 
 Reads what the stages left in the run folder (config.yaml, pipeline.json, ppo-*/metrics.jsonl,
-disc/eval.json, label/labels.jsonl, the models) and writes into RUN_DIR/report/.
+disc/eval.json, label/labels.jsonl, the models) and writes into RUN_DIR/report/. The model work (the
+Figure 6 table's samples, the heat-map's labelled pairs) runs where the CLI's runner puts it: on the
+driver, or on GPU workers when the cluster has them (`tlcr_ray.eval.runner`); the files are written here.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from tlcr_ray.config import Config, load_config, to_dict
+from tlcr_ray.eval.runner import DRIVER, EvalPlace, EvalRunner, run_one
 from tlcr_ray.io import read_json, write_text_atomic
 from tlcr_ray.layout import RunLayout
 from tlcr_ray.methods import METHODS
@@ -101,12 +104,33 @@ def _tokens_html(tokenizer, ids: list[int], p: list[float], labels: list[float] 
     return "".join(spans)
 
 
-def write_heatmap(cfg: Config, table: dict, out: Path) -> None:
-    """report/heatmap.html: sampled responses before/after PPO, and held-out labelled pairs."""
+def labelled_pair_probs(cfg: Config, limit: int, *, place: EvalPlace = DRIVER) -> list[dict]:
+    """The discriminator's p on the responses of up to `limit` held-out labelled pairs (on `place`),
+    beside their Levenshtein labels -> [{pair_id, kind, response_ids, p, labels}]."""
     from tlcr_ray.eval.policy_table import score_samples
     from tlcr_ray.labeling.labels import read_labels
     from tlcr_ray.models import load_head_model, load_tokenizer, resolve_model
     from tlcr_ray.training import is_heldout
+
+    layout = RunLayout.of(cfg)
+    if not (layout.label_output.exists() and layout.discriminator.exists()):
+        return []
+    pad_id = load_tokenizer(resolve_model(cfg.model.tokenizer or cfg.model.base)).pad_token_id
+    disc = load_head_model(layout.discriminator, place.head_dtype(cfg)).to(place.device).eval()
+    rows = [r for r in read_labels(layout.label_output) if is_heldout(r.pair_id, cfg.disc.eval_fraction, cfg.disc.seed)]
+    pairs = []
+    for row in rows[:limit]:
+        start = next((i for i, lab in enumerate(row.labels) if lab != -100), len(row.labels))
+        scored = score_samples([row.input_ids[:start]], [row.input_ids[start:]], disc, None, pad_id, cfg)[0]
+        pairs.append({"pair_id": row.pair_id, "kind": row.kind, "response_ids": row.input_ids[start:],
+                      "p": scored["p"], "labels": row.labels[start:]})
+    return pairs
+
+
+def write_heatmap(cfg: Config, table: dict, out: Path, runner: EvalRunner | None = None) -> None:
+    """report/heatmap.html: sampled responses before/after PPO, and held-out labelled pairs (scored by
+    `runner`: here, or on a GPU worker)."""
+    from tlcr_ray.models import load_tokenizer, resolve_model
 
     tokenizer = load_tokenizer(resolve_model(cfg.model.tokenizer or cfg.model.base))
     n = cfg.pipeline.heatmap_samples
@@ -125,17 +149,11 @@ def write_heatmap(cfg: Config, table: dict, out: Path) -> None:
                          f"<div class='prompt'>…{prompt}</div>"
                          f"<div class='seq'>{_tokens_html(tokenizer, s['response_ids'], s['p'])}</div>")
     layout = RunLayout.of(cfg)
-    labels_path, disc_dir = layout.label_output, layout.discriminator
-    if labels_path.exists() and disc_dir.exists():
-        disc = load_head_model(disc_dir).eval()
-        rows = [r for r in read_labels(labels_path) if is_heldout(r.pair_id, cfg.disc.eval_fraction, cfg.disc.seed)]
+    if layout.label_output.exists() and layout.discriminator.exists():
         parts.append("<h2>Held-out labelled pairs: discriminator p beside the labels</h2>")
-        for row in rows[: 2 * n]:
-            start = next((i for i, lab in enumerate(row.labels) if lab != -100), len(row.labels))
-            scored = score_samples([row.input_ids[:start]], [row.input_ids[start:]], disc, None,
-                                   tokenizer.pad_token_id, cfg)[0]
-            parts.append(f"<h3>pair {row.pair_id} · {row.kind}</h3><div class='seq'>"
-                         f"{_tokens_html(tokenizer, row.input_ids[start:], scored['p'], row.labels[start:])}</div>")
+        for pair in run_one(runner, labelled_pair_probs, cfg, 2 * n):
+            parts.append(f"<h3>pair {pair['pair_id']} · {pair['kind']}</h3><div class='seq'>"
+                         f"{_tokens_html(tokenizer, pair['response_ids'], pair['p'], pair['labels'])}</div>")
     write_text_atomic(out / "heatmap.html", "\n".join(parts))
 
 
@@ -192,8 +210,9 @@ def write_markdown(cfg: Config, run_dir: Path, table: dict, plots: list[str], ou
     write_text_atomic(out / "report.md", "\n".join(lines))
 
 
-def write_report(run_dir: str | Path) -> dict:
-    """Write every report file into RUN_DIR/report/ (report.md last, so its presence means done)."""
+def write_report(run_dir: str | Path, runner: EvalRunner | None = None) -> dict:
+    """Write every report file into RUN_DIR/report/ (report.md last, so its presence means done);
+    `runner`: where the models run (None: here)."""
     from tlcr_ray.eval.policy_table import reward_table
 
     run_dir = Path(run_dir)
@@ -204,8 +223,9 @@ def write_report(run_dir: str | Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     plots = plot_curves(run_dir, out)
     has_disc = RunLayout.of(cfg).discriminator.exists()
-    table = reward_table(cfg) if has_disc else {}
+    table = reward_table(cfg, runner) if has_disc else {}
     if has_disc:
-        write_heatmap(cfg, table, out)
+        write_heatmap(cfg, table, out, runner)
     write_markdown(cfg, run_dir, table, plots, out)
-    return {"report": str(RunLayout(run_dir).report), "plots": plots, "rows": table.get("rows", {})}
+    return {"report": str(RunLayout(run_dir).report), "plots": plots, "rows": table.get("rows", {}),
+            "evaluated_on": table.get("evaluated_on")}

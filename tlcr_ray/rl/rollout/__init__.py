@@ -62,6 +62,16 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
+def engine_kwargs_of(cfg) -> dict:
+    """The `make_engine` keywords every engine of a run shares, from its config (a PPO rollout actor adds
+    its seed and placement settings; evaluation its own TP degree and context length)."""
+    ppo = cfg.ppo
+    return {"dtype": cfg.model.dtype, "gpu_memory_utilization": ppo.vllm_memory_utilization,
+            "tensor_parallel_size": ppo.vllm_tensor_parallel, "kv_cache_gib": ppo.vllm_kv_cache_gib,
+            # +1: scoring a full prompt + response still asks vLLM for one new token.
+            "max_model_len": cfg.model.max_prompt_len + cfg.model.max_response_len + 1}
+
+
 def make_engine(backend: str, model_dir: str, *, dtype: str = "float32", device: str = "cpu",
                 gpu_memory_utilization: float = 0.5, tensor_parallel_size: int = 1, seed: int = 0,
                 kv_cache_gib: float | None = None, max_model_len: int | None = None,
