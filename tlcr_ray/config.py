@@ -22,6 +22,7 @@ import yaml
 
 from tlcr_ray.choices import GPUS
 from tlcr_ray.methods import ppo_modes_of, resolve_methods
+from tlcr_ray.config_ppo import GroupResources, PPOConfig  # noqa: F401
 from tlcr_ray.config_sections import (  # noqa: F401
     EMBEDDED_MODEL,
     ConfigError,
@@ -29,10 +30,8 @@ from tlcr_ray.config_sections import (  # noqa: F401
     DPOConfig,
     EvalConfig,
     FIGAConfig,
-    GroupResources,
     ModelConfig,
     PipelineConfig,
-    PPOConfig,
     ReviserConfig,
     RewardConfig,
     ServeConfig,
