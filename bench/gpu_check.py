@@ -251,15 +251,16 @@ def check_train_step(stage: str, label: str, model_dir: str, precision: str, dev
 
     from tlcr_ray import training as stages
     from tlcr_ray.config import TrainConfig
+    from tlcr_ray.training.loop import build_model
     from tlcr_ray.models import load_tokenizer
 
     name = f"train {stage} {label} {precision}"
     cfg = TrainConfig(precision=precision, micro_batch_size=batch, lr=1e-4, lr_schedule="constant", zero_stage=2)
     dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
     try:
-        model = stages.build_model(stage, model_dir, dtype, seed=0)
+        model = build_model(stage, model_dir, dtype, seed=0)
         optimizer = torch.optim.AdamW(stages.param_groups(model, cfg.weight_decay), lr=cfg.lr)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=stages.deepspeed_config(cfg))
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=stages.stage_deepspeed_config(cfg))
     except Exception as error:  # noqa: BLE001
         check(f"{name}: DeepSpeed engine starts", False, f"{type(error).__name__}: {error}")
         return None
@@ -354,6 +355,19 @@ def environment() -> str:
             f"deepspeed {deepspeed.__version__}")
 
 
+def device_and_tokenizer(args) -> torch.device | None:
+    """The device a check runs on (None, after a FAIL line, when there is no CUDA and no --dry-run),
+    with args.tokenizer defaulted to the embedded SmolLM2 tokenizer. Shared by the GPU check scripts."""
+    if not torch.cuda.is_available() and not args.dry_run:
+        print("FAIL  no CUDA device (use --dry-run to exercise the script on CPU)")
+        return None
+    if args.tokenizer is None:
+        from tlcr_ray.models import embedded_tokenizer_dir
+
+        args.tokenizer = str(embedded_tokenizer_dir())
+    return torch.device("cpu" if args.dry_run else "cuda")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokenizer", default=None, help="SmolLM2 tokenizer folder (default: the embedded one)")
@@ -361,14 +375,9 @@ def main() -> int:
     parser.add_argument("--skip", default="", help="comma-separated: math,learner,train,rollout,speed")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
-    if not torch.cuda.is_available() and not args.dry_run:
-        print("FAIL  no CUDA device (use --dry-run to exercise the script on CPU)")
+    device = device_and_tokenizer(args)
+    if device is None:
         return 1
-    device = torch.device("cpu" if args.dry_run else "cuda")
-    if args.tokenizer is None:
-        from tlcr_ray.models import embedded_tokenizer_dir
-
-        args.tokenizer = str(embedded_tokenizer_dir())
     hf_logging.disable_progress_bar()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     env = environment()

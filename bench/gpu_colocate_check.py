@@ -28,6 +28,7 @@ from bench.common import record  # noqa: E402
 from bench.gpu_check import (  # noqa: E402
     build_models,
     check,
+    device_and_tokenizer,
     environment,
     finish,
     free_memory,
@@ -134,14 +135,9 @@ def main() -> int:
     parser.add_argument("--tokenizer", default=None, help="SmolLM2 tokenizer folder (default: the embedded one)")
     parser.add_argument("--dry-run", action="store_true", help="the tiny model on CPU; records nothing")
     args = parser.parse_args()
-    if not torch.cuda.is_available() and not args.dry_run:
-        print("FAIL  no CUDA device (use --dry-run to exercise the script on CPU)")
+    device = device_and_tokenizer(args)
+    if device is None:
         return 1
-    device = torch.device("cpu" if args.dry_run else "cuda")
-    if args.tokenizer is None:
-        from tlcr_ray.models import embedded_tokenizer_dir
-
-        args.tokenizer = str(embedded_tokenizer_dir())
     env = environment()
     print(f"device: {env}", flush=True)
     root = Path(tempfile.mkdtemp(prefix="tlcr-colocate-check-"))
