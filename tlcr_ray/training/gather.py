@@ -7,10 +7,10 @@
 
 Every rank must drain the generator: under ZeRO-3 each bucket is an all-gather
 (`deepspeed.zero.GatheredParameters`; on CPU gloo ranks a piecewise gather to rank 0), released before
-the next one. So the extra memory of an export
-or a weight sync is one bucket (<= bucket_bytes, or a single parameter larger than that) plus, for a
-tied weight named twice (lm_head = embed_tokens), that parameter gathered again: at most
-bucket_bytes + the largest parameter, never the whole model (`bench/bench_gather.py` measures it).
+the next one. So the extra memory of an export or a weight sync is one bucket (<= bucket_bytes, or a
+single parameter larger than that) plus, for a tied weight named twice (lm_head = embed_tokens), that
+parameter gathered again: at most bucket_bytes + the largest parameter, never the whole model
+(`bench/bench_gather.py` measures it).
 A yielded bucket's tensors are the gathered parameters themselves (copies when `dtype`/`device` differ,
 or when a parameter is a view of a larger flat buffer, as under ZeRO-1/2: see `compact`): valid until
 the next bucket is requested, so a consumer that keeps them must copy them.
@@ -153,10 +153,9 @@ def items_of(buckets: Iterable[dict[str, torch.Tensor] | None]) -> Iterator[tupl
     gathers the next (`for b in buckets` rebinds `b` only once the next bucket exists): two buckets at
     once instead of one."""
     for bucket in buckets:
-        items = list(bucket.items()) if bucket else []
+        items = list(reversed(bucket.items())) if bucket else []
         bucket = None
-        items.reverse()
-        while items:
+        while items:  # popped, so that a pair the consumer is done with is not kept by this list
             yield items.pop()
 
 
