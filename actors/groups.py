@@ -43,9 +43,7 @@ class ActorGroups:
     def _start(self, cfg: Config, policy_dir: str, rollout_dir: str, reward_dir: str, attempt: int) -> None:
         ppo = cfg.ppo
 
-        # Idle OpenMP threads sleep instead of spinning: the actors share cores, and spinning threads of
-        # an idle actor (or of a co-tenant) slowed the busy one about 4x on a loaded 2-core machine.
-        env_vars = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+        env_vars = wait_policy("learner")
         if ppo.threads_per_actor:  # Ray keeps an OMP_NUM_THREADS that is already set
             env_vars["OMP_NUM_THREADS"] = str(ppo.threads_per_actor)
         if TEST_OOM_ENV in os.environ:  # the OOM tests' hook (tlcr_ray.oom) reaches the actors this way
@@ -56,7 +54,7 @@ class ActorGroups:
             # Named per attempt so a recreated group never collides with a dying one.
             return {"name": f"tlcr-ppo-{slot.group}-{slot.index}-a{attempt}", "num_cpus": slot.num_cpus,
                     "num_gpus": slot.num_gpus, "resources": slot.resources or None,
-                    "runtime_env": {"env_vars": {**env_vars, **slot.env_vars}},
+                    "runtime_env": {"env_vars": {**env_vars, **wait_policy(slot.group), **slot.env_vars}},
                     "scheduling_strategy": PlacementGroupSchedulingStrategy(
                         self.pgs[slot.placement_group], placement_group_bundle_index=slot.bundle)}
 
@@ -124,6 +122,18 @@ class ActorGroups:
         while time.monotonic() < deadline and any(
                 placement_group_table(pg).get("state") not in ("REMOVED", None) for pg in self.pgs.values()):
             time.sleep(0.2)
+
+
+def wait_policy(group: str) -> dict[str, str]:
+    """OpenMP's wait policy of a group's actors: an OMP_WAIT_POLICY in the environment, else PASSIVE (idle
+    threads sleep at once) for the groups whose forwards run side by side on the same cores (reward,
+    reference and learner: a co-tenant's spinning threads slowed the busy one about 4x on a loaded 2-core
+    machine), and OpenMP's own default (spin briefly, then sleep) for the rollout, which generates alone:
+    decoding runs thousands of short parallel regions per token, each paying PASSIVE's wake-up, and
+    generate ran 1.27x slower under it (SmolLM2-135M, 64 tokens, 2 cores: 9.8 s vs 7.7 s)."""
+    if "OMP_WAIT_POLICY" in os.environ:
+        return {"OMP_WAIT_POLICY": os.environ["OMP_WAIT_POLICY"]}
+    return {} if group == "rollout" else {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def get_all(refs: list) -> list:

@@ -19,7 +19,8 @@ with each system's seconds per stage (TRL's timed by wrapping its generate / for
 Same work per step: sampling at temperature 1 without top-p/top-k (TRL hard-codes top_k=0, top_p=1.0), 1 PPO
 epoch of 1 minibatch, policy + value updates, reference and reward forwards, KL-shaped rewards, GAE.
 Ours also recomputes the old log-probs with the learner (TRL reads them off generation) and syncs
-the weights into the rollout actor. Our actors run with OMP_WAIT_POLICY=PASSIVE (their default);
+the weights into the rollout actor. Our actors run with OMP_WAIT_POLICY=PASSIVE except the rollout
+(`actors.groups.wait_policy`);
 TRL runs in a fresh process per `--trl-wait-policies` value (default: OpenMP's own) and the figure
 divides by the fastest.
 """
@@ -164,8 +165,9 @@ def trl_in_fresh_process(omp_wait_policy: str | None, *args) -> dict:
 
 
 def versus_trl(steps: int, work: Path, model: str, rollout_backend: str, wait_policies: list[str],
-               zero_stage: int | None = None, batch: int = 8, response_len: int = 64) -> None:
-    from tlcr_ray.config import load_config
+               zero_stage: int | None = None, rollout_dtype: str = "auto", batch: int = 8,
+               response_len: int = 64) -> None:
+    from tlcr_ray.config import load_config, rollout_dtype as rollout_dtype_of
     from tlcr_ray.data.pairs import load_split
     from tlcr_ray.data.tokens import encode_prompts
     from tlcr_ray.models import embedded_model_dir, embedded_tokenizer_dir, load_tokenizer
@@ -183,7 +185,7 @@ def versus_trl(steps: int, work: Path, model: str, rollout_backend: str, wait_po
         f"ppo.prompts_per_step={batch}", f"ppo.mini_batch_size={batch}", f"model.max_response_len={response_len}",
         "model.max_prompt_len=64", f"ppo.rollout_backend={rollout_backend}",
         *(["ppo.vllm_kv_cache_gib=0.5"] if rollout_backend == "vllm" else []),  # a fixed, small KV cache on CPU
-        *([f"ppo.zero_stage={zero_stage}"] if zero_stage is not None else []),
+        *([f"ppo.zero_stage={zero_stage}"] if zero_stage is not None else []), f"ppo.rollout_dtype={rollout_dtype}",
         "ppo.top_p=1.0", "ppo.temperature=1.0", "ppo.ppo_epochs=1",  # TRL's sampling and epochs below
         "ppo.learner.num_actors=1", "ppo.learner.num_cpus=1", "ppo.resume=never", f"ppo.checkpoint_every={steps + 10}",
         f"ppo.threads_per_actor={os.cpu_count()}",  # stages run one at a time; TRL's one process uses every core too
@@ -211,10 +213,10 @@ def versus_trl(steps: int, work: Path, model: str, rollout_backend: str, wait_po
            f"{model_name}, {rollout_backend} rollout, batch {batch}, response {response_len} tokens, prompts <= "
            f"{cfg.model.max_prompt_len}, T=1 no top-p, 1 epoch x 1 minibatch, {steps} timed steps each; ours "
            f"{ours:.3f} samples/s (Ray: {rollout_backend} rollout + reward + reference + 1 DeepSpeed learner, ZeRO "
-           f"{cfg.ppo.zero_stage}, {cfg.ppo.threads_per_actor} threads each; per step "
+           f"{cfg.ppo.zero_stage}, rollout dtype {rollout_dtype_of(cfg)}, {cfg.ppo.threads_per_actor} threads each; per step "
            + " + ".join(f"{k} {v:.2f}s" for k, v in stages.items())
            + "; inside the actors " + ", ".join(f"{k} {v:.2f}s" for k, v in inner.items())
-           + f"; sync check every {cfg.ppo.sync_check_every} steps; OMP_WAIT_POLICY PASSIVE), TRL {theirs:.3f} "
+           + f"; sync check every {cfg.ppo.sync_check_every} steps; OMP_WAIT_POLICY PASSIVE but the rollout's), TRL {theirs:.3f} "
            "samples/s (use_cpu, one process; per step "
            + " + ".join(f"{k} {v:.2f}s" for k, v in trl[best]["stages"].items())
            + "; OMP_WAIT_POLICY " + ", ".join(f"{k} {v['samples_per_s']:.3f}" for k, v in trl.items())
@@ -231,8 +233,12 @@ def main() -> None:
     parser.add_argument("--rollout-backend", choices=["hf", "vllm"], default="hf", help="trl part: our rollout")
     parser.add_argument("--trl-wait-policies", nargs="+", default=["default"], choices=["default", "PASSIVE"],
                         help="trl part: OMP_WAIT_POLICY values TRL runs under (the faster counts)")
-    parser.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None,
-                        help="trl part: our learner's ppo.zero_stage (default: configs/tiny.yaml's)")
+    parser.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=0,
+                        help="trl part: our learner's ppo.zero_stage (default 0: one learner rank partitions "
+                             "nothing, as in configs/demo.yaml)")
+    parser.add_argument("--rollout-dtype", default="auto",
+                        help="trl part: our ppo.rollout_dtype (auto: model.dtype, fp32; bfloat16: the engines "
+                             "sample from the bf16-rounded policy, the learner stays fp32)")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # A loaded machine starts Ray's dashboard agent slowly; the raylet's default wait for it is too short.
@@ -242,7 +248,7 @@ def main() -> None:
             breakdown(args.config, args.steps, Path(tmp))
         if args.part in ("trl", "all"):
             versus_trl(args.steps, Path(tmp), args.model, args.rollout_backend, args.trl_wait_policies,
-                       args.zero_stage)
+                       args.zero_stage, args.rollout_dtype)
 
 
 if __name__ == "__main__":

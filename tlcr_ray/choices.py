@@ -64,6 +64,9 @@ TRUNCATED = ("keep", "penalize")
 """`ppo.truncated`: a response cut at max_response_len is rewarded as it is, or gets missing_eos_penalty."""
 GPUS = ("a100-40gb", "a100-80gb", "h100-80gb", "h200-141gb")
 """The top-level `gpu` and `tlcr plan --gpu`: GPU kinds whose memory `tlcr_ray.plan_models` knows."""
+EXPORT_ROUNDINGS = ("nearest", "stochastic")
+"""`<stage>.export_rounding`, `ppo.export_rounding`: how an fp32 model is rounded into a bfloat16 export
+(`tlcr_ray.training.rounding`)."""
 EXPORT_DTYPES = ("auto",) + DTYPES
 """`ppo.export_dtype`, `sft|disc|rm.export_dtype`: the dtype a stage's final HF folder is stored in
-(auto: the dtype it trained in)."""
+(auto: the dtype it trained in). Also `ppo.rollout_dtype` (auto: model.dtype)."""

@@ -66,6 +66,11 @@ class Config:
     A driver that sees CUDA uses its own cuda:0 instead; None on a driver without CUDA: no check."""
 
 
+def rollout_dtype(cfg: "Config") -> str:
+    """The rollout engines' weight dtype: ppo.rollout_dtype, model.dtype for auto."""
+    return cfg.model.dtype if cfg.ppo.rollout_dtype == "auto" else cfg.ppo.rollout_dtype
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -170,6 +175,11 @@ def _check_across(cfg: "Config") -> None:
         if getattr(cfg, section).offload_optimizer and zero == 0:
             raise ConfigError(f"{section}.offload_optimizer: DeepSpeed offloads the optimizer under ZeRO 1-3; "
                               f"set {section}.zero_stage >= 1")
+    for section in ("sft", "disc", "rm", "dpo", "figa", "ppo"):
+        part = getattr(cfg, section)
+        if part.export_rounding == "stochastic" and part.export_dtype != "bfloat16":
+            raise ConfigError(f"{section}.export_rounding=stochastic rounds fp32 weights into a bfloat16 export: "
+                              f"set {section}.export_dtype=bfloat16 (now {part.export_dtype})")
     _check_weight_sync(cfg.ppo)
     if cfg.ppo.algorithm == "remax" and reward.mode != "sequence":
         raise ConfigError(f"ppo.algorithm=remax scores whole responses with the sequence RM: set "

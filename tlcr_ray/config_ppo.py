@@ -10,6 +10,7 @@ from tlcr_ray.choices import (
     CRITIC_INITS,
     DTYPE_ALIASES,
     EXPORT_DTYPES,
+    EXPORT_ROUNDINGS,
     KL_ESTIMATORS,
     LR_SCHEDULES,
     PPO_ALGORITHMS,
@@ -100,6 +101,13 @@ class PPOConfig:
     """With ppo.truncated=penalize: subtracted from the reward of a truncated response's last token."""
     rollout_backend: str = choice("auto", ROLLOUT_BACKENDS)
     """vllm, hf, or auto (vLLM when importable)."""
+    rollout_dtype: str = choice("auto", EXPORT_DTYPES, DTYPE_ALIASES)
+    """Weight dtype of the PPO rollout engines (evaluation generates in model.dtype): auto (model.dtype) or
+    float32/bfloat16/float16. bfloat16 under an fp32 learner is the GPU recipe (vLLM in bf16, fp32 masters)
+    brought to CPU: decoding reads every weight once per token, so half the bytes generate ~1.4x faster
+    (SmolLM2-135M, 2 cores, avx512_bf16). The engines then sample from the bf16-rounded policy while the
+    learner recomputes the old log-probs in its own dtype (PPO's ratio is taken against those), and the
+    sync check's `sync_logprob_err` measures the rounding (~1e-2), not 0."""
     vllm_tensor_parallel: int = bounded(1, ge=1)
     """GPUs (tensor-parallel workers) per vLLM engine. Above 1 each TP rank gets its own 1-GPU bundle and vLLM's
     Ray executor places its workers on them (`tlcr_ray.placement`); the NCCL weight sync then has
@@ -142,6 +150,8 @@ class PPOConfig:
     export_dtype: str = choice("auto", EXPORT_DTYPES, DTYPE_ALIASES)
     """Dtype of the final policy folder `<run>/model` (and the export_every ones): auto (model.dtype) or
     float32/bfloat16/float16. Checkpoints always store the training dtype (a resume must be exact)."""
+    export_rounding: str = choice("nearest", EXPORT_ROUNDINGS)
+    """fp32 -> bfloat16 export rounding of the policy folders: nearest or stochastic (as <stage>.export_rounding)."""
     bucket_mib: float = bounded(256.0, gt=0.0)
     """Weight sync, export and checkpoint under ZeRO-3 gather at most this many MiB at a time (plus one
     parameter larger than that); each bucket is written, broadcast or put in the object store, then freed."""

@@ -14,6 +14,7 @@ from tlcr_ray.choices import (
     DTYPES,
     EVAL_ON_WORKERS,
     EXPORT_DTYPES,
+    EXPORT_ROUNDINGS,
     LR_SCHEDULES,
     METHODS,
     MODES,
@@ -151,6 +152,10 @@ class TrainConfig:
     export_dtype: str = choice("auto", EXPORT_DTYPES, DTYPE_ALIASES)
     """Dtype of the exported HF folder: auto (as trained) or float32/bfloat16/float16 (bfloat16 halves
     an fp32 folder; later stages load it into their own dtype)."""
+    export_rounding: str = choice("nearest", EXPORT_ROUNDINGS)
+    """How an fp32 model becomes a bfloat16 export: `nearest`, or `stochastic` (up or down with the
+    probability that keeps each weight's expected value): a short fine-tune whose steps are below half a
+    bf16 step survives it, where nearest rounds it back to the start (`tlcr_ray.training.rounding`)."""
     bucket_mib: float = bounded(256.0, gt=0.0)
     """ZeRO-3 export: MiB gathered at a time (one bucket; a larger single tensor is its own bucket)."""
     eval_fraction: float = 0.1

@@ -57,7 +57,7 @@ import dataclasses
 import functools
 import math
 
-from tlcr_ray.config import ConfigError
+from tlcr_ray.config import ConfigError, rollout_dtype
 from tlcr_ray.layout import POLICY_STAGES
 from tlcr_ray.methods import METHODS
 from tlcr_ray.plan_checkpoints import checkpoint_sizes, format_checkpoints
@@ -262,14 +262,16 @@ def plan_scorer(cfg, group: str, m: ModelShape) -> dict:
 def plan_rollout(cfg, m: ModelShape, gpu_memory: int, host_memory: int | None) -> dict:
     """ppo.rollout: vLLM (a share of the device, weights/TP + KV cache) or HF generate (weights + its KV cache)."""
     ppo, res = cfg.ppo, cfg.ppo.rollout
-    e, on_gpu, backend = ELEM[cfg.model.dtype], res.num_gpus > 0, _backend(cfg)
+    e, on_gpu, backend = ELEM[cfg.model.dtype], res.num_gpus > 0, _backend(cfg)  # e: what the learner sends
+    held = ELEM[rollout_dtype(cfg)]  # ppo.rollout_dtype: what the engine keeps
     max_len = cfg.model.max_prompt_len + cfg.model.max_response_len + 1
     rows = -(-ppo.prompts_per_step // res.num_actors)
     tp = ppo.vllm_tensor_parallel if backend == "vllm" else 1
-    weights, per_token = e * m.params // tp, m.kv_bytes_per_token(e) // tp
+    weights, per_token = held * m.params // tp, m.kv_bytes_per_token(held) // tp
     handover = planned_weight_sync(cfg, ppo.learner.num_gpus > 0)
     bucket = min(e * m.params, int(ppo.bucket_mib * 2**20) + e * m.vocab * m.hidden)
-    inputs = {"backend": backend, "rows": rows, "max_model_len": max_len, "tensor_parallel": tp, "weight_sync": handover}
+    inputs = {"backend": backend, "rows": rows, "max_model_len": max_len, "tensor_parallel": tp, "weight_sync": handover,
+              "dtype": rollout_dtype(cfg)}
     if backend == "vllm":
         device = gpu_memory if on_gpu else (host_memory or 0)
         budget = (weights + int(ppo.vllm_kv_cache_gib * GIB) + VLLM_OVERHEAD if ppo.vllm_kv_cache_gib is not None
@@ -283,9 +285,9 @@ def plan_rollout(cfg, m: ModelShape, gpu_memory: int, host_memory: int | None) -
         buffers = VLLM_OVERHEAD + sync
     else:  # HF generate: weights, its KV cache (a cat copies it: x2), the prefill's MLP, last-position logits
         kv, buffers = 2 * rows * max_len * per_token, CUDA_CONTEXT if on_gpu else CPU_PROCESS
-        act = rows * cfg.model.max_prompt_len * e * (2 * m.hidden + 4 * m.intermediate) + rows * m.vocab * 8
+        act = rows * cfg.model.max_prompt_len * held * (2 * m.hidden + 4 * m.intermediate) + rows * m.vocab * 8
         # The sync: the state dict that arrives and the load's copy of it (handed over: a bucket's views).
-        arrives = {"cuda_ipc": 0, "shm": bucket}.get(handover, 2 * e * m.params)
+        arrives = {"cuda_ipc": 0, "shm": bucket}.get(handover, e * m.params + held * m.params)
         phases = {"generate": buffers + weights + kv + act, "sync": buffers + weights + arrives}
         buffers += arrives
     return _result(math.ceil(res.num_actors * max(res.num_gpus, 0)), "cuda" if on_gpu else "cpu", phases,

@@ -17,10 +17,11 @@ from tlcr_ray.eval.runner import DRIVER, EvalPlace
 
 def eval_engine_kwargs(cfg, max_model_len: int | None) -> dict:
     """The rollout engine's keywords in evaluation: one GPU per engine, eval.vllm_memory_utilization of it,
-    `max_model_len` tokens of context (None: the model's own)."""
+    `max_model_len` tokens of context (None: the model's own), model.dtype (not ppo.rollout_dtype: every
+    method's policy is judged in the dtype it trained in)."""
     from tlcr_ray.rl.rollout import engine_kwargs_of
 
-    return {**engine_kwargs_of(cfg), "tensor_parallel_size": 1, "max_model_len": max_model_len,
+    return {**engine_kwargs_of(cfg), "dtype": cfg.model.dtype, "tensor_parallel_size": 1, "max_model_len": max_model_len,
             "gpu_memory_utilization": cfg.eval.vllm_memory_utilization}
 
 

@@ -197,13 +197,15 @@ def _write_shards(buckets: Iterable[dict[str, torch.Tensor]], folder: Path, pref
 
 
 def write_hf_folder(buckets: Iterable[dict[str, torch.Tensor] | None], path: str | Path, *, module: nn.Module,
-                    rank: int, tokenizer=None, dtype: torch.dtype | None = None, extra: dict | None = None) -> None:
+                    rank: int, tokenizer=None, dtype: torch.dtype | None = None, extra: dict | None = None,
+                    rounding: str = "nearest", seed: int = 0) -> None:
     """Stream `buckets` (from `state_buckets`, drained on every rank) into an HF folder, atomically (rank 0).
 
     A causal LM: config.json, generation_config.json and safetensors shards (model.safetensors, or
     model-NNNNN.safetensors + index). A head model (`backbone.*` / `head.*` names, `tlcr_ray.models.heads`):
     the backbone folder, head.safetensors and head.json. `dtype`: the stored dtype, written to config.json.
-    `extra`: written as tlcr_export.json (e.g. the step it was taken at).
+    `extra`: written as tlcr_export.json (e.g. the step it was taken at). `rounding` "stochastic": the
+    buckets arrive in fp32 and are rounded to bf16 here (`tlcr_ray.training.rounding`, seeded by `seed`).
     """
     if rank != 0:
         for _ in buckets:  # the other ranks only take part in the gathers
@@ -212,6 +214,7 @@ def write_hf_folder(buckets: Iterable[dict[str, torch.Tensor] | None], path: str
     from safetensors.torch import save_file
 
     from tlcr_ray.io import atomic_folder
+    from tlcr_ray.training.rounding import round_bucket
 
     head_model = hasattr(module, "backbone") and hasattr(module, "head")
     model = module.backbone if head_model else module
@@ -220,6 +223,8 @@ def write_hf_folder(buckets: Iterable[dict[str, torch.Tensor] | None], path: str
 
         def weights():
             for bucket in buckets:
+                if rounding == "stochastic":
+                    bucket = round_bucket(bucket, seed)
                 if head_model:  # the head is a few KB: kept; the backbone's tensors go to shards
                     head.update({n[len("head."):]: t.detach().clone().cpu() for n, t in bucket.items()
                                  if n.startswith("head.")})
@@ -245,7 +250,8 @@ def write_hf_folder(buckets: Iterable[dict[str, torch.Tensor] | None], path: str
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "tlcr_export.json").write_text(json.dumps({**(extra or {}), "bytes": written["total_size"],
-                                                          "dtype": str(config.dtype).removeprefix("torch.")}) + "\n")
+                                                          "dtype": str(config.dtype).removeprefix("torch."),
+                                                          "rounding": rounding}) + "\n")
 
 
 def export_dtype(name: str | None, held: torch.dtype) -> torch.dtype:
@@ -255,6 +261,12 @@ def export_dtype(name: str | None, held: torch.dtype) -> torch.dtype:
     from tlcr_ray.models import torch_dtype
 
     return torch_dtype(name)
+
+
+def export_rounding(rounding: str, stored: torch.dtype, held: torch.dtype) -> str:
+    """`rounding` (<stage>.export_rounding) where it applies, an fp32 model stored in bf16; else nearest
+    (a checkpoint's "auto" export, for one, is stored as held and stays exact)."""
+    return rounding if stored == torch.bfloat16 and held == torch.float32 else "nearest"
 
 
 def read_export_info(path: str | Path) -> dict | None:

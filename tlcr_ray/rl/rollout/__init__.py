@@ -14,6 +14,7 @@ from typing import Iterable, Protocol
 import torch
 
 from tlcr_ray.choices import ROLLOUT_BACKENDS
+from tlcr_ray.config import rollout_dtype
 from tlcr_ray.rl.batch import RolloutBatch
 
 
@@ -66,7 +67,7 @@ def engine_kwargs_of(cfg) -> dict:
     """The `make_engine` keywords every engine of a run shares, from its config (a PPO rollout actor adds
     its seed and placement settings; evaluation its own TP degree and context length)."""
     ppo = cfg.ppo
-    return {"dtype": cfg.model.dtype, "gpu_memory_utilization": ppo.vllm_memory_utilization,
+    return {"dtype": rollout_dtype(cfg), "gpu_memory_utilization": ppo.vllm_memory_utilization,
             "tensor_parallel_size": ppo.vllm_tensor_parallel, "kv_cache_gib": ppo.vllm_kv_cache_gib,
             # +1: scoring a full prompt + response still asks vLLM for one new token.
             "max_model_len": cfg.model.max_prompt_len + cfg.model.max_response_len + 1}
