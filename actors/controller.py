@@ -32,8 +32,8 @@ from tlcr_ray.placement import ppo_placement
 from tlcr_ray.oom import OutOfMemory, find_oom, oom_message
 from tlcr_ray.plan import require_fit
 from tlcr_ray.rl.batch import RolloutBatch, merge_batches, split_rows
-from tlcr_ray.rl.loop_state import (heldout_metrics, initial_state, response_mask, sample_prompts, saved_state,
-                                    step_metrics, sync_check)
+from tlcr_ray.rl.loop_state import (heldout_metrics, initial_state, response_mask, rollout_logprobs, sample_prompts,
+                                    saved_state, step_metrics, sync_check)
 from tlcr_ray.rl.ppo_math import KL_ESTIMATORS, advantages_from_rollout, remax_advantages
 from tlcr_ray.rl.rewards import MODES, apply_missing_eos_penalty
 from tlcr_ray.rl.rollout import resolve_backend
@@ -92,7 +92,8 @@ class PPOLoop:
         full_kl = ppo.kl_estimator == "full"  # exact KL from the learner (its reference copy): [batch, R] only
         ref_refs = [r.logprobs.remote(batch_ref, self.pad_id, rows)
                     for r, rows in zip(g.references, split_rows(len(prompt_ids), len(g.references)))]
-        eval_refs = g.learners.evaluate(batch_ref, self.pad_id)
+        from_rollout = ppo.old_logprobs == "rollout"  # the HF engine's sampling log-probs: no policy forward
+        eval_refs = g.learners.evaluate(batch_ref, self.pad_id, not from_rollout)
         done = get_all(score_refs + ref_refs + eval_refs)
         scores, refs = done[:len(score_refs)], done[len(score_refs):len(score_refs) + len(ref_refs)]
         evals = done[len(score_refs) + len(ref_refs):]
@@ -101,7 +102,8 @@ class PPOLoop:
         rewards = cat(scores, "rewards")
         mask = response_mask(batch.response_ids, rewards.shape[1])
         rewards = self._penalized(rewards, mask, batch.finish_reasons)
-        old_logprobs, ref_logprobs, values = cat(evals, "logprobs"), cat(refs, "logprobs"), cat(evals, "values")
+        old_logprobs = rollout_logprobs(batch.logprobs, mask) if from_rollout else cat(evals, "logprobs")
+        ref_logprobs, values = cat(refs, "logprobs"), cat(evals, "values")
         kl_inputs = dict(kl_estimator=ppo.kl_estimator, kl=cat(evals, "kl") if full_kl else None,
                          temperature=ppo.temperature)
         baseline = None
@@ -115,7 +117,7 @@ class PPOLoop:
             adv = advantages_from_rollout(rewards, old_logprobs, ref_logprobs, values, mask, kl_coef=ppo.kl_coef,
                                           gamma=ppo.gamma, lam=ppo.lam, whiten=ppo.whiten_advantages, **kl_inputs)
         del kl_inputs
-        entropy = cat(evals, "entropy")
+        entropy = None if from_rollout else cat(evals, "entropy")  # None: the update's forward gives it
         eval_seconds, ref_seconds = max(e["seconds"] for e in evals), max(r["seconds"] for r in refs)
         del done, evals, refs
         t_adv = time.perf_counter()

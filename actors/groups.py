@@ -43,18 +43,18 @@ class ActorGroups:
     def _start(self, cfg: Config, policy_dir: str, rollout_dir: str, reward_dir: str, attempt: int) -> None:
         ppo = cfg.ppo
 
-        env_vars = wait_policy("learner")
+        env_vars = {}
         if ppo.threads_per_actor:  # Ray keeps an OMP_NUM_THREADS that is already set
             env_vars["OMP_NUM_THREADS"] = str(ppo.threads_per_actor)
         if TEST_OOM_ENV in os.environ:  # the OOM tests' hook (tlcr_ray.oom) reaches the actors this way
             env_vars[TEST_OOM_ENV] = os.environ[TEST_OOM_ENV]
-        runtime_env = {"env_vars": env_vars}  # merged into the job's runtime env
+        # Merged into the job's runtime env (with each group's wait policy and threads, below).
 
         def opts(slot: ActorSlot) -> dict:
             # Named per attempt so a recreated group never collides with a dying one.
             return {"name": f"tlcr-ppo-{slot.group}-{slot.index}-a{attempt}", "num_cpus": slot.num_cpus,
                     "num_gpus": slot.num_gpus, "resources": slot.resources or None,
-                    "runtime_env": {"env_vars": {**env_vars, **wait_policy(slot.group), **slot.env_vars}},
+                    "runtime_env": {"env_vars": {**env_vars, **group_env(ppo, slot.group), **slot.env_vars}},
                     "scheduling_strategy": PlacementGroupSchedulingStrategy(
                         self.pgs[slot.placement_group], placement_group_bundle_index=slot.bundle)}
 
@@ -79,7 +79,8 @@ class ActorGroups:
         critic_dir = reward_dir if ppo.critic_init == "reward" else policy_dir
         (learner_pg,) = {s.placement_group for s in self.layout.of("learner")}
         self.learners = LearnerGroup(policy_dir, ppo, dtype, self.pgs[learner_pg], name=f"tlcr-ppo-learner-a{attempt}",
-                                     runtime_env=runtime_env, critic_dir=critic_dir)
+                                     runtime_env={"env_vars": {**env_vars, **group_env(ppo, "learner")}},
+                                     critic_dir=critic_dir)
         get_all(self.learners.ready)
         self.sync_method = self.choose_weight_sync(ppo)
         self.weight_update_info = self.connect_nccl_sync(ppo) if self.sync_method == "nccl" else None
@@ -122,6 +123,13 @@ class ActorGroups:
         while time.monotonic() < deadline and any(
                 placement_group_table(pg).get("state") not in ("REMOVED", None) for pg in self.pgs.values()):
             time.sleep(0.2)
+
+
+def group_env(ppo, group: str) -> dict[str, str]:
+    """The environment a group's actors start with: its OpenMP wait policy and, with ppo.<group>.threads,
+    its thread count (over ppo.threads_per_actor)."""
+    threads = getattr(ppo, group).threads
+    return {**wait_policy(group), **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
 
 
 def wait_policy(group: str) -> dict[str, str]:

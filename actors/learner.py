@@ -48,8 +48,8 @@ class LearnerWorker:
         self.learner = PPOLearner(policy_dir, ppo_cfg, rank=rank, world_size=world_size,
                                   init_method=init_method, dtype=dtype, critic_dir=critic_dir)
 
-    def evaluate(self, batch: RolloutBatch, pad_id: int) -> dict:
-        return self.learner.evaluate(batch, pad_id)
+    def evaluate(self, batch: RolloutBatch, pad_id: int, policy: bool = True) -> dict:
+        return self.learner.evaluate(batch, pad_id, policy)
 
     def train(self, batch: RolloutBatch, pad_id: int, advantages: torch.Tensor, returns: torch.Tensor,
               old_logprobs: torch.Tensor, old_values: torch.Tensor) -> dict:
@@ -136,9 +136,9 @@ class LearnerGroup:
         self.ready = [w.start.remote(policy_dir, ppo_cfg, rank, n, self.init_method, dtype, critic_dir)
                       for rank, w in enumerate(self.workers)]
 
-    def evaluate(self, batch_ref, pad_id: int) -> list:
-        """Old log-probs, values, entropy of each rank's rows ([rows, R] each)."""
-        return [w.evaluate.remote(batch_ref, pad_id) for w in self.workers]
+    def evaluate(self, batch_ref, pad_id: int, policy: bool = True) -> list:
+        """Old log-probs, values, entropy of each rank's rows ([rows, R] each); `policy` False: values only."""
+        return [w.evaluate.remote(batch_ref, pad_id, policy) for w in self.workers]
 
     def train(self, batch_ref, pad_id: int, advantages, returns, old_logprobs, old_values) -> list:
         return [w.train.remote(batch_ref, pad_id, advantages, returns, old_logprobs, old_values)

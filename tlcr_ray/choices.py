@@ -33,6 +33,8 @@ WEIGHT_SYNCS = ("auto", "cuda_ipc", "nccl", "shm", "object_store")
 cuda_ipc (colocated on CUDA), nccl (vLLM on other GPUs), shm (same node) or object_store, in that order."""
 EVAL_ON_WORKERS = ("auto", "never", "always")
 """`eval.on_workers`: evaluation on Ray GPU workers when the connected cluster has GPUs, never, or always."""
+OLD_LOGPROBS = ("learner", "rollout")
+"""`ppo.old_logprobs`: who computes the behaviour policy's log-probs PPO's ratio and the KL shaping use."""
 CRITIC_INITS = ("reward", "policy")
 """`ppo.critic_init`: the run's reward model (discriminator or sequence RM) or the initial policy."""
 RESUME = ("auto", "never")

@@ -181,9 +181,27 @@ def _check_across(cfg: "Config") -> None:
             raise ConfigError(f"{section}.export_rounding=stochastic rounds fp32 weights into a bfloat16 export: "
                               f"set {section}.export_dtype=bfloat16 (now {part.export_dtype})")
     _check_weight_sync(cfg.ppo)
+    _check_old_logprobs(cfg)
     if cfg.ppo.algorithm == "remax" and reward.mode != "sequence":
         raise ConfigError(f"ppo.algorithm=remax scores whole responses with the sequence RM: set "
                           f"reward.mode=sequence (not {reward.mode!r})")
+
+
+def _check_old_logprobs(cfg: "Config") -> None:
+    """ppo.old_logprobs=rollout only where the engine's log-probs are the learner's (HF generate, same dtype)."""
+    ppo = cfg.ppo
+    if ppo.old_logprobs != "rollout":
+        return
+    problems = []
+    if ppo.rollout_backend != "hf":  # auto may mean vLLM, whose kernels give other numbers
+        problems.append(f"ppo.rollout_backend={ppo.rollout_backend} (needs hf)")
+    if rollout_dtype(cfg) != cfg.model.dtype:
+        problems.append(f"ppo.rollout_dtype={ppo.rollout_dtype} (the engine must run model.dtype, {cfg.model.dtype})")
+    if ppo.kl_estimator == "full":
+        problems.append("ppo.kl_estimator=full (the exact KL needs the learner's logits)")
+    if problems:
+        raise ConfigError("ppo.old_logprobs=rollout takes the engine's sampling log-probs for the learner's: "
+                          + "; ".join(problems) + "; or set ppo.old_logprobs=learner")
 
 
 def _check_weight_sync(ppo) -> None:

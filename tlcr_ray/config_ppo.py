@@ -12,6 +12,7 @@ from tlcr_ray.choices import (
     EXPORT_DTYPES,
     EXPORT_ROUNDINGS,
     KL_ESTIMATORS,
+    OLD_LOGPROBS,
     LR_SCHEDULES,
     PPO_ALGORITHMS,
     RESUME,
@@ -31,6 +32,10 @@ class GroupResources:
     num_gpus: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)
     """Custom Ray resources (e.g. {"worker_node": 1}) to pin a group to a node type."""
+    threads: int = bounded(0, ge=0)
+    """torch/OMP threads of this group's actors (0: ppo.threads_per_actor). The reward and reference
+    forwards run beside the learner's evaluation: on a small CPU machine one thread each keeps the
+    three from oversubscribing the cores."""
 
 
 @dataclass
@@ -101,6 +106,14 @@ class PPOConfig:
     """With ppo.truncated=penalize: subtracted from the reward of a truncated response's last token."""
     rollout_backend: str = choice("auto", ROLLOUT_BACKENDS)
     """vllm, hf, or auto (vLLM when importable)."""
+    old_logprobs: str = choice("learner", OLD_LOGPROBS)
+    """The old (behaviour) log-probs of PPO's ratio and of the KL shaping: `learner` recomputes them with a
+    teacher-forced forward of the policy (OpenRLHF's and verl's choice: robust to an engine whose numbers
+    differ, like vLLM's kernels or a bf16 ppo.rollout_dtype); `rollout` takes the ones the HF engine
+    computed while sampling (TRL's choice), which are the learner's own up to float rounding when the
+    engine runs HF `generate` in model.dtype: the learner's step then skips one policy forward. Needs
+    ppo.rollout_backend hf, ppo.rollout_dtype auto (or = model.dtype) and kl_estimator k1/k3 (full
+    needs the learner's logits); the entropy metric then comes from the update's forward."""
     rollout_dtype: str = choice("auto", EXPORT_DTYPES, DTYPE_ALIASES)
     """Weight dtype of the PPO rollout engines (evaluation generates in model.dtype): auto (model.dtype) or
     float32/bfloat16/float16. bfloat16 under an fp32 learner is the GPU recipe (vLLM in bf16, fp32 masters)

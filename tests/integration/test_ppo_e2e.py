@@ -14,7 +14,10 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 def test_three_step_run(mode, tmp_path, ray_local, tiny_model_dir, head_models, tiny_ppo_config):
     from actors.controller import run
 
-    cfg = tiny_ppo_config(tmp_path, tiny_model_dir, head_models, mode, "ppo.sync_check_every=2")
+    # One mode takes the old log-probs from the HF engine's sampling (ppo.old_logprobs rollout).
+    from_rollout = mode == "fixed"
+    cfg = tiny_ppo_config(tmp_path, tiny_model_dir, head_models, mode, "ppo.sync_check_every=2",
+                          *(["ppo.old_logprobs=rollout"] if from_rollout else []))
     summary = run(cfg)
     run_dir = tmp_path / f"ppo-{mode}"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -29,6 +32,8 @@ def test_three_step_run(mode, tmp_path, ray_local, tiny_model_dir, head_models, 
     # The sync check runs on the first sync, then every 2nd step; the rollout engine's weights are the learner's.
     assert [r["step"] for r in rows if "sync_logprob_err" in r] == [1, 2]
     assert all(r["sync_logprob_err"] < 1e-4 for r in rows[:2])
+    if from_rollout:  # one epoch of one mini-batch: the update's ratio is 1 when the engine's log-probs are the learner's
+        assert all(r["approx_kl"] < 1e-9 for r in rows), [r["approx_kl"] for r in rows]
     # The policy moved (lr 1e-4), so KL against the frozen reference is no longer exactly zero.
     assert rows[-1]["kl"] != 0.0
     assert (run_dir / "model" / "config.json").exists()

@@ -152,10 +152,11 @@ class PPOLearner:
         return self.critic(packed.input_ids.to(self.device), packed.attention_mask.to(self.device))[:, P - 1:P + R - 1]
 
     @torch.no_grad()
-    def evaluate(self, batch: RolloutBatch, pad_id: int) -> dict:
+    def evaluate(self, batch: RolloutBatch, pad_id: int, policy: bool = True) -> dict:
         """Old log-probs, values and entropy of this rank's rows: each [rows, R], 0 on padding; with
         ppo.kl_estimator full also "kl" [rows, R], the exact KL(pi || pi_ref) at each response position
-        (from this rank's reference copy). ppo.forward_micro_batch_size rows per forward."""
+        (from this rank's reference copy). ppo.forward_micro_batch_size rows per forward. `policy` False
+        (ppo.old_logprobs rollout): the critic's values alone, no policy forward."""
         start = time.perf_counter()
         packed = pack(batch.prompt_ids, batch.response_ids, pad_id)
         part = select_rows(packed, shard_rows(len(batch.prompt_ids), self.rank, self.world_size))
@@ -163,6 +164,8 @@ class PPOLearner:
             engine.eval()
 
         def forward(micro: PackedBatch) -> dict:
+            if not policy:
+                return {"values": self._values(micro).float().cpu()}
             logits, logprobs, entropy, values = self._forward(micro)
             out = {"logprobs": logprobs.float().cpu(), "values": values.float().cpu(), "entropy": entropy.float().cpu()}
             if self.reference is not None:

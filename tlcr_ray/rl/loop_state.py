@@ -54,11 +54,23 @@ def response_mask(response_ids: list[list[int]], width: int) -> torch.Tensor:
     return mask
 
 
+def rollout_logprobs(logprobs: list[list[float]], mask: torch.Tensor) -> torch.Tensor:
+    """The engine's per-token sampling log-probs (`RolloutBatch.logprobs`, one list per row) as [batch, R],
+    0 on padding (`mask`, [batch, R]): ppo.old_logprobs rollout."""
+    out = torch.zeros_like(mask)
+    for i, row in enumerate(logprobs):
+        out[i, :len(row)] = torch.tensor(row, dtype=out.dtype)
+    if not torch.isfinite(out).all():
+        raise ValueError("ppo.old_logprobs=rollout: the engine returned a non-finite log-prob")
+    return out * mask
+
+
 def step_metrics(rewards: torch.Tensor, mask: torch.Tensor, adv: dict, old_logprobs: torch.Tensor,
-                 ref_logprobs: torch.Tensor, values: torch.Tensor, entropy: torch.Tensor,
+                 ref_logprobs: torch.Tensor, values: torch.Tensor, entropy: torch.Tensor | None,
                  finish_reasons: list[str], train: list[dict]) -> dict[str, float]:
     """The learning half of a step's metrics row; every tensor [batch, R], `adv` from
-    `advantages_from_rollout`, `train` one stats dict per learner rank."""
+    `advantages_from_rollout`, `train` one stats dict per learner rank (its "entropy", the update's,
+    is the row's: `entropy` [batch, R] from the evaluation forward is the fallback)."""
     return {
         "reward_token_mean": masked_mean(rewards, mask).item(),
         "reward_seq_sum": rewards.sum(1).mean().item(),
@@ -67,7 +79,7 @@ def step_metrics(rewards: torch.Tensor, mask: torch.Tensor, adv: dict, old_logpr
         "kl_k1": masked_mean(old_logprobs - ref_logprobs, mask).item(),  # sampled estimate, whatever kl_estimator
         "response_len": mask.sum(1).mean().item(),
         "perplexity": float(torch.exp(-masked_mean(old_logprobs, mask))),
-        "entropy": masked_mean(entropy, mask).item(),
+        **({} if entropy is None else {"entropy": masked_mean(entropy, mask).item()}),
         "value_mean": masked_mean(values, mask).item(),
         "stop_frac": float(np.mean([f == "stop" for f in finish_reasons])),
         "truncated_frac": float(np.mean([f == "length" for f in finish_reasons])),  # cut at max_response_len

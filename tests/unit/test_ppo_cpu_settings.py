@@ -1,8 +1,8 @@
 """`ppo.rollout_dtype`: the engines keep their own weight dtype (bf16 under an fp32 learner), every sync
 casts into it, evaluation still generates in model.dtype, and `tlcr plan` counts the engine's bytes;
-and the OpenMP wait policy each PPO group's actors start with (`actors.groups.wait_policy`).
+and the OpenMP wait policy and thread count each PPO group's actors start with (`actors.groups.group_env`).
 
-    .venv/bin/python -m pytest tests/unit/test_rollout_dtype.py -q
+    .venv/bin/python -m pytest tests/unit/test_ppo_cpu_settings.py -q
 """
 from __future__ import annotations
 
@@ -67,3 +67,14 @@ def test_only_the_rollout_keeps_openmps_own_wait_policy(monkeypatch, group, expe
     assert wait_policy(group) == expected
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice applies to every group
     assert wait_policy(group) == {"OMP_WAIT_POLICY": "ACTIVE"}
+
+
+def test_a_groups_own_thread_count_overrides_threads_per_actor(monkeypatch):
+    pytest.importorskip("ray")
+    from actors.groups import group_env
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    cfg = load_config(REPO / "configs" / "demo.yaml", ["ppo.reward.threads=1"])
+    assert group_env(cfg.ppo, "reward") == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
+    assert group_env(cfg.ppo, "reference") == {"OMP_WAIT_POLICY": "PASSIVE"}  # ppo.threads_per_actor's (2) applies
+    assert group_env(cfg.ppo, "rollout") == {}
