@@ -33,6 +33,8 @@ WEIGHT_SYNCS = ("auto", "cuda_ipc", "nccl", "shm", "object_store")
 cuda_ipc (colocated on CUDA), nccl (vLLM on other GPUs), shm (same node) or object_store, in that order."""
 EVAL_ON_WORKERS = ("auto", "never", "always")
 """`eval.on_workers`: evaluation on Ray GPU workers when the connected cluster has GPUs, never, or always."""
+CRITICS = ("separate", "shared")
+"""`ppo.critic`: the critic as its own model and engine, or a value head on the policy's last hidden state."""
 CRITIC_INITS = ("reward", "policy")
 """`ppo.critic_init`: the run's reward model (discriminator or sequence RM) or the initial policy."""
 RESUME = ("auto", "never")
