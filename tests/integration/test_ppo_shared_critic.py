@@ -135,3 +135,10 @@ def test_syncs_and_exports_hold_the_policy_alone_and_a_checkpoint_restores_the_h
     a, b = train_once(learner, batch), train_once(fresh, batch)
     assert a["value_loss"] == pytest.approx(b["value_loss"], rel=1e-6)
     assert all(torch.equal(x, y) for x, y in zip(learner.full_state_dict().values(), fresh.full_state_dict().values()))
+
+
+def test_a_remax_run_builds_no_critic_even_with_ppo_critic_shared(tiny_model_dir, learner_rdzv):
+    """A pipeline's ReMax run inherits ppo.critic (tlcr_ray/pipeline.py sets only ppo.algorithm): no head."""
+    learner = make_learner(tiny_model_dir, learner_rdzv, algorithm="remax")
+    assert not learner.shared and learner.critic is None and list(learner.engines) == ["actor"]
+    assert not hasattr(learner.actor.module, "value_head") and learner.policy_module is learner.actor.module
