@@ -97,7 +97,7 @@ def test_one_engine_whose_values_are_the_head_on_the_policys_hidden_state_and_le
     assert torch.allclose(got, head_values(learner.policy_module, head, batch), atol=1e-5)
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
 def test_syncs_and_exports_hold_the_policy_alone_and_a_checkpoint_restores_the_head(
         zero_stage, tiny_model_dir, learner_rdzv, tmp_path):
     from tlcr_ray.models import load_policy
@@ -131,6 +131,9 @@ def test_syncs_and_exports_hold_the_policy_alone_and_a_checkpoint_restores_the_h
     assert torch.equal(restored["logprobs"], learner.evaluate(batch, 0)["logprobs"])
     reloaded = fresh.full_state_dict()
     assert all(torch.equal(reloaded[k], synced[k]) for k in synced)
+    if zero_stage == 2:  # a run resumed with the other ppo.critic is refused, naming it
+        with pytest.raises(ValueError, match=r"written with ppo\.critic=shared, but this run has ppo\.critic=separate"):
+            make_learner(tiny_model_dir, learner_rdzv, critic="separate").load_checkpoint(str(tmp_path / "ckpt"))
     # The optimizer state came back too: the next update is the same on both.
     a, b = train_once(learner, batch), train_once(fresh, batch)
     assert a["value_loss"] == pytest.approx(b["value_loss"], rel=1e-6)

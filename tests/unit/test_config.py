@@ -19,7 +19,8 @@ TINY = str(REPO / "configs" / "tiny.yaml")
 BAD = [
     ("reward.mode", "dense"), ("sft.lr_schedule", "linear"), ("disc.lr_schedule", "step"), ("rm.lr_schedule", "x"),
     ("ppo.lr_schedule", "linear"), ("ppo.rollout_backend", "sglang"), ("ppo.kl_estimator", "k9"),
-    ("ppo.critic_init", "random"), ("ppo.critic", "tied"), ("ppo.vf_coef", "0"), ("ppo.vf_coef", "-0.5"), ("ppo.truncated", "drop"), ("ppo.resume", "always"), ("model.dtype", "int8"),
+    ("ppo.critic_init", "random"), ("ppo.critic", "tied"), ("ppo.vf_coef", "0"), ("ppo.vf_coef", "-0.5"),
+    ("ppo.truncated", "drop"), ("ppo.resume", "always"), ("model.dtype", "int8"),
     ("serve.dtype", "fp8"),
     ("sft.precision", "fp8"), ("disc.precision", "float64"), ("rm.precision", "int4"), ("serve.mode", "sequence"),
     ("serve.sequence_score", "max"), ("reviser.kind", "gpt"), ("data.on_bad_row", "ignore"),

@@ -282,6 +282,10 @@ class PPOLearner(PolicyWeights):
 
     def load_checkpoint(self, folder: str) -> None:
         folder = Path(folder)
+        written = "separate" if (folder / "critic").is_dir() else "shared"  # (or ReMax's: no critic either way)
+        if (folder / "actor").is_dir() and (self.critic is not None) != (written == "separate"):  # states differ
+            raise ValueError(f"{folder}: written with ppo.critic={written}, but this run has ppo.critic="
+                             f"{self.cfg.critic}; resume with the value it was written with, or set ppo.resume=never")
         for name, engine in self.engines.items():
             try:
                 path, _ = engine.load_checkpoint(str(folder / name), tag="ds")
