@@ -76,6 +76,8 @@ class PPOConfig:
     """The reward scorer's model (discriminator / RM) likewise waits in host RAM between steps."""
     actor_lr: float = bounded(1e-6, ge=0.0)
     critic_lr: float = bounded(1e-6, ge=0.0)
+    """The separate critic's lr; with ppo.critic shared the value head's (its own param group in the one
+    engine, logged as critic_lr as before)."""
     lr_schedule: str = choice("cosine", LR_SCHEDULES)
     """Learning-rate schedule of both engines over the run's optimizer steps (ppo.steps x the updates of
     one step): cosine decay to 0 (the paper, no warm-up) or constant."""
@@ -87,7 +89,7 @@ class PPOConfig:
     value head on the policy's own last hidden state (TRL's old AutoModelForCausalLMWithValueHead):
     one model, one forward gives log-probs and values, one backward of policy_loss + ppo.vf_coef x
     value_loss and one optimizer step; one model's memory instead of two. The head starts at zero
-    (V = 0, and no gradient reaches the policy through it until it has learnt something);
+    (V = 0, and no value-loss gradient reaches the policy through it before the head's first step);
     ppo.critic_init does not apply. The head trains at ppo.critic_lr, the policy (whose backbone then
     also fits the values) at ppo.actor_lr. Not with ppo.algorithm remax (no critic at all)."""
     vf_coef: float = bounded(0.1, gt=0.0)
