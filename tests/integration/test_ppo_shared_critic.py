@@ -97,7 +97,7 @@ def test_one_engine_whose_values_are_the_head_on_the_policys_hidden_state_and_le
     assert torch.allclose(got, head_values(learner.policy_module, head, batch), atol=1e-5)
 
 
-@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("zero_stage", [0, 2, 3])  # ZeRO-1 steps through ZeRO-2's optimizer class
 def test_syncs_and_exports_hold_the_policy_alone_and_a_checkpoint_restores_the_head(
         zero_stage, tiny_model_dir, learner_rdzv, tmp_path):
     from tlcr_ray.models import load_policy
