@@ -1,4 +1,5 @@
-"""Learner group: N data-parallel `PPOLearner` ranks (DeepSpeed actor + critic) as Ray actors.
+"""Learner group: N data-parallel `PPOLearner` ranks (DeepSpeed actor + critic; ppo.critic shared: one
+engine, the policy with a value head) as Ray actors.
 
 The ranks are placed first, then meet: file:// in the node's /tmp when all are on one CPU node,
 else TCP at rank 0's node IP and a port rank 0 picks (`tlcr_ray.rl.rendezvous`). Every group method
@@ -116,8 +117,8 @@ class LearnerGroup:
 
     def __init__(self, policy_dir: str, ppo_cfg, dtype: str, placement_group, name: str = "tlcr-ppo-learner",
                  runtime_env: dict | None = None, critic_dir: str | None = None):
-        """`critic_dir`: where the critic starts (a head-model folder: its backbone and head; None: the
-        policy with a fresh head)."""
+        """`critic_dir`: where a separate critic starts (a head-model folder: its backbone and head; None:
+        the policy with a fresh head); unused with ppo.critic shared."""
         n = ppo_cfg.learner.num_actors
         self.workers = [
             LearnerWorker.options(

@@ -35,6 +35,8 @@ EVAL_ON_WORKERS = ("auto", "never", "always")
 """`eval.on_workers`: evaluation on Ray GPU workers when the connected cluster has GPUs, never, or always."""
 OLD_LOGPROBS = ("learner", "rollout")
 """`ppo.old_logprobs`: who computes the behaviour policy's log-probs PPO's ratio and the KL shaping use."""
+CRITICS = ("separate", "shared")
+"""`ppo.critic`: the critic as its own model and engine, or a value head on the policy's last hidden state."""
 CRITIC_INITS = ("reward", "policy")
 """`ppo.critic_init`: the run's reward model (discriminator or sequence RM) or the initial policy."""
 RESUME = ("auto", "never")

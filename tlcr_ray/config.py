@@ -185,6 +185,10 @@ def _check_across(cfg: "Config") -> None:
     if cfg.ppo.algorithm == "remax" and reward.mode != "sequence":
         raise ConfigError(f"ppo.algorithm=remax scores whole responses with the sequence RM: set "
                           f"reward.mode=sequence (not {reward.mode!r})")
+    if cfg.ppo.algorithm == "remax" and cfg.ppo.critic == "shared":
+        raise ConfigError("ppo.critic: 'shared' puts a value head on the policy, but ppo.algorithm=remax has no "
+                          "critic (its baseline is the greedy response's reward): set ppo.critic=separate "
+                          "(the default; ReMax then builds none) or ppo.algorithm=ppo")
 
 
 def _check_old_logprobs(cfg: "Config") -> None:

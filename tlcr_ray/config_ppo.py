@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from tlcr_ray.choices import (
     COLOCATE,
     CRITIC_INITS,
+    CRITICS,
     DTYPE_ALIASES,
     EXPORT_DTYPES,
     EXPORT_ROUNDINGS,
@@ -81,15 +82,32 @@ class PPOConfig:
     """The reward scorer's model (discriminator / RM) likewise waits in host RAM between steps."""
     actor_lr: float = bounded(1e-6, ge=0.0)
     critic_lr: float = bounded(1e-6, ge=0.0)
+    """The separate critic's lr; with ppo.critic shared the value head's (its own param group in the one
+    engine, logged as critic_lr as before)."""
     lr_schedule: str = choice("cosine", LR_SCHEDULES)
     """Learning-rate schedule of both engines over the run's optimizer steps (ppo.steps x the updates of
     one step): cosine decay to 0 (the paper, no warm-up) or constant."""
     warmup_steps: int = bounded(0, ge=0)
     """Linear warm-up, in optimizer steps, before the schedule (the paper: 0)."""
+    critic: str = choice("separate", CRITICS)
+    """`separate`: the critic is its own model (backbone + value head, ppo.critic_init) in its own
+    DeepSpeed engine, with its own forward, backward and optimizer step. `shared`: a Linear(hidden, 1)
+    value head on the policy's own last hidden state (TRL's old AutoModelForCausalLMWithValueHead):
+    one model, one forward gives log-probs and values, one backward of policy_loss + ppo.vf_coef x
+    value_loss and one optimizer step; one model's memory instead of two. The head starts at zero
+    (V = 0, and no value-loss gradient reaches the policy through it before the head's first step);
+    ppo.critic_init does not apply. The head trains at ppo.critic_lr, the policy (whose backbone then
+    also fits the values) at ppo.actor_lr. Not with ppo.algorithm remax (no critic at all)."""
+    vf_coef: float = bounded(0.1, gt=0.0)
+    """ppo.critic shared: weight of the value loss in the one combined loss. 0.1 as TRL's PPOTrainer for
+    the same value-head-on-the-LM model: the returns are sums of token rewards, so early on the squared
+    error can be many times the whitened-advantage policy loss, and its gradient must not dominate the
+    policy backbone's update. Unused with a separate critic (each engine has its own loss)."""
     critic_init: str = choice("reward", CRITIC_INITS)
-    """Where the critic (backbone + value head) starts: `reward` (as the paper's code: the run's reward
-    model, i.e. the sequence RM in `sequence` mode and the discriminator in the token modes, head
-    weights included) or `policy` (the initial policy's backbone with a freshly initialised head)."""
+    """Where a separate critic (backbone + value head) starts: `reward` (as the paper's code: the run's
+    reward model, i.e. the sequence RM in `sequence` mode and the discriminator in the token modes, head
+    weights included) or `policy` (the initial policy's backbone with a freshly initialised head).
+    Ignored with ppo.critic shared (the head is the policy's, zero-initialised)."""
     temperature: float = bounded(1.0, gt=0.0)
     """Sampling temperature (> 0); log-probs are computed from logits / temperature."""
     top_p: float = bounded(0.9, gt=0.0, le=1.0)

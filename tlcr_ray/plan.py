@@ -163,14 +163,18 @@ def plan_stage(cfg, stage: str, m: ModelShape, checkpointing: bool = False) -> d
 
 
 def plan_learner(cfg, m: ModelShape, checkpointing: bool = False) -> dict:
-    """ppo.learner: actor (policy) + critic (backbone + value head; none under ReMax) engines on each rank."""
+    """ppo.learner: actor (policy) + critic (backbone + value head; none under ReMax) engines on each rank;
+    ppo.critic shared: the actor alone, with the value head's h + 1 parameters."""
     ppo, res = cfg.ppo, cfg.ppo.learner
     e, z, n, on_gpu = ELEM[cfg.model.dtype], ppo.zero_stage, res.num_actors, res.num_gpus > 0
     seq, R = cfg.model.max_prompt_len + cfg.model.max_response_len, cfg.model.max_response_len
     offload = (ppo.offload_optimizer, ppo.offload_params)
-    actor = engine_states(m.params, m.largest_module, e, z, n, on_gpu, *offload)
-    # ReMax (ppo.algorithm remax) trains the policy alone: no critic engine, no value forward.
-    no_critic = ppo.algorithm == "remax"
+    # ReMax (ppo.algorithm remax) trains the policy alone: no critic engine, no value forward. A shared
+    # critic is a head inside the actor's engine (its activations: b x R values, nothing to count).
+    shared = ppo.algorithm != "remax" and getattr(ppo, "critic", "separate") == "shared"
+    no_critic = ppo.algorithm == "remax" or shared
+    head = m.hidden + 1 if shared else 0
+    actor = engine_states(m.params + head, m.largest_module, e, z, n, on_gpu, *offload)
     critic = {k: 0 for k in actor} if no_critic else engine_states(m.backbone_params, m.largest_module, e, z, n,
                                                                    on_gpu, *offload)
     # Rows per micro-step (ppo.micro_batch_size, else the rank's share of a mini-batch) and per no-grad forward.

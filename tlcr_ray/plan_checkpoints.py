@@ -6,8 +6,9 @@ A resumable DeepSpeed checkpoint of one engine (DeepSpeed 0.19.8 with the torch 
 P params, e bytes per weight element): the module's weights e·P (mp_rank_*_model_states.pt; ZeRO-3:
 its partitions) + the optimizer state (zero_pp_rank_*_optim_states.pt): Adam's m and v 8·P and, at
 ZeRO >= 1 or in bf16/fp16, the fp32 master copy 4·P. The sum over ranks does not depend on the world
-size. A PPO checkpoint holds the actor and the critic (ReMax: none) and the policy's HF folder (in model.dtype) the
-rollout engines restart from. An HF export is e'·P in its export_dtype (the tied lm_head stored once).
+size. A PPO checkpoint holds the actor and the critic (ReMax: none; ppo.critic shared: the actor with its
+value head, h + 1 more params) and the policy's HF folder (in model.dtype) the rollout engines restart
+from. An HF export is e'·P in its export_dtype (the tied lm_head stored once).
 During a run, keep_checkpoints of them live at once (plus the one being written); after a finished
 stage only the export remains unless keep_resume_state.
 """
@@ -46,8 +47,10 @@ def checkpoint_sizes(cfg, m) -> dict:
         out[stage] = _sizes(engine_checkpoint_bytes(params, ELEM[dtype], t.zero_stage), t.keep_checkpoints,
                             _export_elem(t.export_dtype, dtype) * params, t.keep_resume_state)
     ppo, e = cfg.ppo, ELEM[cfg.model.dtype]
-    critic = 0 if ppo.algorithm == "remax" else engine_checkpoint_bytes(m.backbone_params, e, ppo.zero_stage)
-    resumable = engine_checkpoint_bytes(m.params, e, ppo.zero_stage) + critic + e * m.params
+    shared = ppo.algorithm != "remax" and ppo.critic == "shared"
+    critic = 0 if ppo.algorithm == "remax" or shared else engine_checkpoint_bytes(m.backbone_params, e, ppo.zero_stage)
+    head = m.hidden + 1 if shared else 0  # the shared critic's value head, in the actor's engine
+    resumable = engine_checkpoint_bytes(m.params + head, e, ppo.zero_stage) + critic + e * m.params
     out["ppo"] = _sizes(resumable, ppo.keep_checkpoints, _export_elem(ppo.export_dtype, cfg.model.dtype) * m.params,
                         ppo.keep_resume_state)
     return out

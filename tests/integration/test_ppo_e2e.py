@@ -42,3 +42,28 @@ def test_three_step_run(mode, tmp_path, ray_local, tiny_model_dir, head_models, 
     assert json.loads((run_dir / "model" / "tlcr_export.json").read_text())["final"] is True
     if mode == "sequence":
         assert any(r["reward_token_mean"] != 0 for r in rows)
+
+
+def test_a_run_with_a_shared_critic(tmp_path, ray_local, tiny_model_dir, head_models, tiny_ppo_config):
+    """ppo.critic shared through the Ray layer: 2 learner ranks (ZeRO-2, gloo), one engine each with the
+    value head; the value loss is logged, the checkpoint holds no critic engine, the rollout engine's weights
+    are the learner's and the final HF folder is the policy alone."""
+    from safetensors import safe_open
+
+    from actors.controller import run
+
+    cfg = tiny_ppo_config(tmp_path, tiny_model_dir, head_models, "continuous", "ppo.critic=shared", "ppo.steps=1",
+                          "ppo.keep_resume_state=true")
+    assert run(cfg)["steps"] == 1
+    run_dir = tmp_path / "ppo-continuous"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1]
+    assert rows[0]["value_loss"] > 0 and rows[0]["policy_loss"] == rows[0]["policy_loss"]
+    assert rows[0]["sync_logprob_err"] < 1e-4  # the rollout engine got the learner's policy
+    checkpoint, = (run_dir / "checkpoints").glob("step-*")
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["actor", "controller.json", "hf"]  # no critic
+    names = set()
+    for shard in (run_dir / "model").glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            names.update(f.keys())
+    assert names and not any("value_head" in n or n.startswith("policy.") for n in names)

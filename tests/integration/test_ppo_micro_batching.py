@@ -53,29 +53,38 @@ def update(learner, batch, pad_id=0):
     return grads, stats
 
 
-@pytest.mark.parametrize("rows, mini, micros", [(8, 8, (1, 4, 8)), (6, 4, (1, 2, 4))])
+@pytest.mark.parametrize("rows, mini, micros, critic", [(8, 8, (1, 4, 8), "separate"), (6, 4, (1, 2, 4), "separate"),
+                                                         (8, 8, (2, 8), "shared")])
 def test_micro_batches_with_accumulation_make_the_same_update_as_one_mini_batch(
-        rows, mini, micros, tiny_model_dir, head_models, learner_rdzv):
+        rows, mini, micros, critic, tiny_model_dir, head_models, learner_rdzv):
     # 1 x 8 = 4 x 2 = 8 x 1 rows per optimizer step; with 6 rows and mini-batches of 4 the second is 2 rows
     # (micro 1: 2 real micro-steps and 2 zero-weight placeholders).
     # lr 0: every mini-batch's gradients are taken at the same weights in every run (Adam would amplify
     # float32 noise on near-zero gradients into different weights for the second mini-batch).
+    # ppo.critic shared: one engine, the combined loss; the gradients compared include the value head's.
     batch = rollout(rows)
     runs = {}
     for micro in micros:
         learner = make_learner(tiny_model_dir, head_models["disc"], learner_rdzv, prompts_per_step=rows,
-                               mini_batch_size=mini, micro_batch_size=micro, actor_lr=0.0, critic_lr=0.0)
+                               mini_batch_size=mini, micro_batch_size=micro, actor_lr=0.0, critic_lr=0.0,
+                               critic=critic, vf_coef=0.5)
         assert learner.accum == -(-mini // micro)
         assert learner.actor.gradient_accumulation_steps() == learner.accum
+        if critic == "shared":  # a non-zero head (not its zero init), so the value loss reaches the backbone too
+            with torch.no_grad():
+                learner.actor.module.value_head.weight.normal_(std=0.5, generator=torch.Generator().manual_seed(0))
         runs[micro] = update(learner, batch)
     reference = runs[micros[-1]]
+    assert list(reference[0]) == (["actor", "critic"] if critic == "separate" else ["actor"])
     for micro in micros[:-1]:
         grads, stats = runs[micro]
-        for engine in ("actor", "critic"):
-            assert len(grads[engine]) == len(reference[0][engine]) == -(-rows // mini)  # one step per mini-batch
+        for engine in reference[0]:
+            # One step per mini-batch; ZeRO-2 steps each param group (shared: policy, head) on its own.
+            groups = 2 if critic == "shared" else 1
+            assert len(grads[engine]) == len(reference[0][engine]) == -(-rows // mini) * groups
             for got, want in zip(grads[engine], reference[0][engine]):
                 assert (got - want).abs().max().item() < 1e-5 * max(1.0, want.abs().max().item()), (engine, micro)
-        for key in ("policy_loss", "value_loss", "clip_frac", "approx_kl"):
+        for key in ("policy_loss", "value_loss", "clip_frac", "approx_kl", "value_clip_frac"):
             assert stats[key] == pytest.approx(reference[1][key], abs=1e-5), key
 
 

@@ -55,3 +55,22 @@ def test_whole_model_export_holds_everything_at_once(tmp_path, deeper_tiny_model
     for r in ranks:
         assert r["max_gathered_bytes"] == r["model_bytes"], r
         assert r["max_gathered_bytes"] > int(BUCKET_MIB * 2**20) + r["largest_param_bytes"]
+
+
+def test_zero3_shared_critic_on_two_ranks_exports_the_policy_alone_and_checkpoints_the_head(tmp_path, tiny_model_dir):
+    """ppo.critic shared under ZeRO-3 on 2 ranks: after one update the streamed export (and the rollout
+    engine fed the same buckets) holds exactly the trained policy, no head; a fresh learner loading the
+    checkpoint gives every rank the same values and log-probs (the head came back, not its zero init)."""
+    from tlcr_ray.models import load_policy
+    from tlcr_ray.testing.gather_ranks import launch
+
+    ranks = launch(tiny_model_dir, tmp_path / "shared", "shared", BUCKET_MIB, world=2)
+    assert all(r["checkpoint_restored"] is True for r in ranks), ranks
+    assert ranks[0]["rollout_matches"] is True
+    assert 0 < ranks[0]["max_gathered_bytes"] <= int(BUCKET_MIB * 2**20) + ranks[0]["largest_param_bytes"]
+    reference = torch.load(tmp_path / "shared" / "reference.pt")
+    initial = load_policy(tiny_model_dir).state_dict()
+    reloaded = load_policy(str(tmp_path / "shared" / "export")).state_dict()
+    assert set(reference) == set(reloaded) == set(initial)
+    assert all(torch.equal(reloaded[k], v) for k, v in reference.items())
+    assert any(not torch.equal(initial[k], v) for k, v in reference.items())  # the update moved the policy

@@ -19,7 +19,8 @@ TINY = str(REPO / "configs" / "tiny.yaml")
 BAD = [
     ("reward.mode", "dense"), ("sft.lr_schedule", "linear"), ("disc.lr_schedule", "step"), ("rm.lr_schedule", "x"),
     ("ppo.lr_schedule", "linear"), ("ppo.rollout_backend", "sglang"), ("ppo.kl_estimator", "k9"),
-    ("ppo.critic_init", "random"), ("ppo.truncated", "drop"), ("ppo.resume", "always"), ("model.dtype", "int8"),
+    ("ppo.critic_init", "random"), ("ppo.critic", "tied"), ("ppo.vf_coef", "0"), ("ppo.vf_coef", "-0.5"),
+    ("ppo.truncated", "drop"), ("ppo.resume", "always"), ("model.dtype", "int8"),
     ("serve.dtype", "fp8"),
     ("sft.precision", "fp8"), ("disc.precision", "float64"), ("rm.precision", "int4"), ("serve.mode", "sequence"),
     ("serve.sequence_score", "max"), ("reviser.kind", "gpt"), ("data.on_bad_row", "ignore"),
@@ -154,3 +155,15 @@ def test_the_deepspeed_config_carries_the_offload_settings():
     with pytest.raises(ValueError, match="stage 3"):
         deepspeed_config(micro_batch_size=1, grad_accum=1, zero_stage=2, precision="fp32", max_grad_norm=1.0,
                          offload_params=True)
+
+
+def test_a_shared_critic_is_an_option_of_ppo_with_a_critic():
+    assert load_config(TINY).ppo.critic == "separate"  # the default: today's separate critic engine
+    cfg = load_config(TINY, ["ppo.critic=shared", "ppo.vf_coef=0.25"])
+    assert (cfg.ppo.critic, cfg.ppo.vf_coef) == ("shared", 0.25)
+    # ReMax has no critic at all: a shared one asked for with it is refused at load, naming the key.
+    with pytest.raises(ConfigError, match=r"--set ppo\.critic: 'shared' .*ppo\.algorithm=remax"):
+        load_config(TINY, ["ppo.critic=shared", "ppo.algorithm=remax", "reward.mode=sequence"])
+    # A pipeline's ReMax run sets ppo.algorithm itself (tlcr_ray/pipeline.py): the config that runs it with
+    # shared-critic PPO runs loads, and that ReMax run builds no critic (tests/integration/test_ppo_shared_critic.py).
+    assert load_config(TINY, ["ppo.critic=shared", "pipeline.methods=[sft, ppo-seq, remax]"]).ppo.critic == "shared"

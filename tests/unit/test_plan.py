@@ -288,6 +288,39 @@ def test_remax_learner_has_no_critic_states():
     assert 0.4 < ratio < 0.6
 
 
+def test_a_shared_critic_learner_has_no_critic_engine_only_the_head(capsys):
+    """ppo.critic shared: the value head inside the actor's engine (h + 1 params); no critic engine states,
+    activations or checkpoint; `tlcr plan` prints fewer learner bytes than the separate critic."""
+    demo = REPO / "configs" / "demo.yaml"
+    separate, shared = load_config(demo), load_config(demo, ["ppo.critic=shared"])
+    m = model_shape(separate.model.base)
+    sep, sha = (plan(c, gpu_bytes("a100-80gb")) for c in (separate, shared))
+    a, b = sep["groups"]["ppo.learner"], sha["groups"]["ppo.learner"]
+    assert b["breakdown"]["critic"]["weights"] == 0 and b["breakdown"]["critic"]["adam"] == 0
+    assert b["breakdown"]["actor"]["weights"] == 4 * (m.params + m.hidden + 1)  # demo: fp32, world 1
+    assert b["breakdown"]["actor"]["weights"] - a["breakdown"]["actor"]["weights"] == 4 * (m.hidden + 1)
+    assert b["per_gpu"]["model_states"] < 0.6 * a["per_gpu"]["model_states"]
+    assert b["per_gpu"]["peak"] < a["per_gpu"]["peak"]
+    assert b["per_gpu"]["activations"] <= a["per_gpu"]["activations"]
+    # The checkpoint: the actor with its head + the policy's HF folder, no critic engine.
+    e, p, h = 4, m.params, m.hidden + 1
+    assert sha["checkpoints"]["ppo"]["resumable_bytes"] == 16 * (p + h) + e * p
+    assert sep["checkpoints"]["ppo"]["resumable_bytes"] == 16 * p + 16 * m.backbone_params + e * p
+    # ReMax has no critic either way: shared changes nothing there.
+    remax = ["ppo.algorithm=remax", "reward.mode=sequence"]
+    assert plan(load_config(demo, remax), gpu_bytes("a100-80gb"))["groups"]["ppo.learner"]["breakdown"]["actor"][
+        "weights"] == 4 * p
+    # The CLI's table: the learner's host bytes and peak, separate vs shared.
+    rows = {}
+    for label, extra in (("separate", []), ("shared", ["--set", "ppo.critic=shared"])):
+        assert main(["plan", "--config", str(demo), "--json", *extra]) == 0
+        rows[label] = json.loads(capsys.readouterr().out)["groups"]["ppo.learner"]
+    assert rows["shared"]["per_gpu"]["peak"] < rows["separate"]["per_gpu"]["peak"]
+    assert main(["plan", "--config", str(demo), "--set", "ppo.critic=shared"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("ppo.learner"))
+    assert f"{rows['shared']['per_gpu']['peak'] / GIB:.1f}" in line
+
+
 def test_checkpoint_sizes_per_stage_and_what_a_finished_pipeline_leaves():
     from tlcr_ray.plan_checkpoints import checkpoint_sizes
 

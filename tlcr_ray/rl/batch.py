@@ -86,6 +86,13 @@ def response_logits_of(model, packed: PackedBatch, device: torch.device) -> torc
     """[rows, R, vocab] causal-LM logits predicting each response token (the columns P - 1 .. P + R - 2
     of `response_logits`). The LM head runs on those positions only: over a 49k
     vocabulary it costs more than the rest of a small model's forward."""
+    return response_outputs_of(model, packed, device).logits
+
+
+def response_outputs_of(model, packed: PackedBatch, device: torch.device):
+    """The model's whole output at the response-predicting positions (`response_logits_of`): `.logits`
+    [rows, R, vocab]; a `models.shared_critic.PolicyWithValueHead` also `.value` [rows, R], the value
+    of the state before each response token, from the same forward."""
     P, R = packed.prompt_len, packed.response_ids.shape[1]
     # Exact positions rather than the last R + 1 then a slice, whose backward would fill a zero tensor.
     positions = torch.arange(P - 1, P + R - 1, device=device)
@@ -93,7 +100,7 @@ def response_logits_of(model, packed: PackedBatch, device: torch.device) -> torc
     # Position ids from the mask: the left padding must not shift an absolute-position model's positions.
     # No KV cache: nothing is generated from here (HF would otherwise keep every layer's K/V).
     return model(input_ids=packed.input_ids.to(device), attention_mask=mask, position_ids=position_ids(mask),
-                 logits_to_keep=positions, use_cache=False).logits
+                 logits_to_keep=positions, use_cache=False)
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""One data-parallel PPO learner rank: actor (policy) + critic (value head), DeepSpeed engines (ReMax: no critic).
+"""One data-parallel PPO learner rank: actor (policy) + critic (value head), DeepSpeed engines (ReMax: no critic;
+ppo.critic shared: one engine, the policy with a value head on its last hidden state).
 
     learner = PPOLearner("runs/demo/sft/model", ppo_cfg, rank=0, world_size=1,
                          init_method="file:///tmp/tlcr-rdzv", critic_dir="runs/demo/disc/model")
@@ -14,7 +15,10 @@ ppo.micro_batch_size rows and accumulates gradients to one optimizer step per mi
 With ppo.gradient_checkpointing both engines recompute their layers in backward.
 
 The critic starts from `critic_dir` (ppo.critic_init: the run's discriminator or RM, head weights
-included; or the policy with a fresh head). Both engines follow ppo.lr_schedule over the run's
+included; or the policy with a fresh head). ppo.critic shared: no critic engine; the actor's module is a
+`models.shared_critic.PolicyWithValueHead`, one forward gives log-probs and values and one backward of
+policy_loss + ppo.vf_coef x value_loss trains both (`policy_module` is the HF policy inside, the one
+that syncs and exports address: `rl.learner_weights`). The engines follow ppo.lr_schedule over the run's
 optimizer steps (`optimizer_steps_per_update` x ppo.steps); DeepSpeed keeps the schedulers' state in
 the checkpoints, so a resumed run continues the schedule.
 """
@@ -24,21 +28,23 @@ import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 from tlcr_ray.models import enable_gradient_checkpointing, micro_batched, resident, row_slices
+from tlcr_ray.models.shared_critic import PolicyWithValueHead
 from tlcr_ray.rl.batch import (
     PackedBatch,
     RolloutBatch,
     pack,
     policy_logprobs,
     response_logits_of,
+    response_outputs_of,
     select_rows,
     shard_rows,
 )
+from tlcr_ray.rl.learner_weights import PolicyWeights
 from tlcr_ray.rl.minibatches import (  # noqa: F401  (optimizer_steps_per_update: the count the schedule runs over)
     micro_rows,
     micro_steps_per_minibatch,
@@ -50,7 +56,7 @@ from tlcr_ray.rl.ppo_math import full_kl, policy_loss, token_sum_over, value_los
 from tlcr_ray.training.optim import PRECISION_OF_DTYPE, deepspeed_config, lr_scheduler
 
 
-class PPOLearner:
+class PPOLearner(PolicyWeights):
     def __init__(self, policy_dir: str, ppo_cfg, *, rank: int, world_size: int, init_method: str,
                  dtype: str = "float32", critic_dir: str | None = None):
         import deepspeed
@@ -75,9 +81,11 @@ class PPOLearner:
             enable_gradient_checkpointing(policy)
         self.micro = micro_rows(ppo_cfg, world_size)
         self.accum = micro_steps_per_minibatch(ppo_cfg.mini_batch_size, self.micro, world_size)
-        self.actor = self._engine(policy, ppo_cfg.actor_lr, dtype)
+        # ReMax has no critic, shared or not (a pipeline's ReMax run may inherit ppo.critic shared).
+        self.shared = ppo_cfg.critic == "shared" and ppo_cfg.algorithm != "remax"
+        self.actor = self._engine(PolicyWithValueHead(policy) if self.shared else policy, ppo_cfg.actor_lr, dtype)
         self.critic = None  # ReMax (ppo.algorithm remax) has no critic: its baseline is the greedy reward
-        if ppo_cfg.algorithm != "remax":
+        if ppo_cfg.algorithm != "remax" and not self.shared:
             # A head-model folder gives backbone + head weights; the policy folder a fresh head.
             critic = load_value_model(critic_dir or policy_dir, dtype=dtype, seed=ppo_cfg.seed)
             if ppo_cfg.gradient_checkpointing:
@@ -91,8 +99,14 @@ class PPOLearner:
 
     @property
     def engines(self) -> dict:
-        """{"actor": engine, "critic": engine} (no critic under ReMax), in checkpoint order."""
+        """{"actor": engine, "critic": engine} (no critic under ReMax or ppo.critic shared, whose head is
+        inside the actor's engine), in checkpoint order."""
         return {"actor": self.actor} if self.critic is None else {"actor": self.actor, "critic": self.critic}
+
+    @property
+    def policy_module(self):
+        """The HF causal LM being trained (ppo.critic shared: the one inside the actor's module)."""
+        return self.actor.module.policy if self.shared else self.actor.module
 
     def _engine(self, model, lr: float, dtype: str):
         import deepspeed
@@ -103,7 +117,9 @@ class PPOLearner:
                                   max_grad_norm=cfg.max_grad_norm, offload_optimizer=cfg.offload_optimizer,
                                   offload_params=cfg.offload_params)
         # A plain torch optimizer: DeepSpeed's CPU/fused Adam would JIT-compile for a minute first.
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        # ppo.critic shared: the value head in a group of its own at ppo.critic_lr.
+        params = model.param_groups(lr, cfg.critic_lr) if isinstance(model, PolicyWithValueHead) else model.parameters()
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         total = cfg.steps * optimizer_steps_per_update(cfg, self.world_size)
         schedule = lr_scheduler(optimizer, total=total, warmup=cfg.warmup_steps, schedule=cfg.lr_schedule)
         # Passed to DeepSpeed: engine.step() steps it (at each accumulation boundary), and
@@ -131,8 +147,10 @@ class PPOLearner:
 
         One log-softmax serves the log-probs and the entropy; the entropy carries gradients only when
         it is in the loss (ppo.entropy_coef > 0): its backward over the vocabulary is not free.
+        ppo.critic shared: the values come from this same forward (`with_values` makes no difference).
         """
-        logits = response_logits_of(self.actor, packed, self.device)
+        out = response_outputs_of(self.actor, packed, self.device)
+        logits = out.logits
         scaled = logits.float()
         if self.cfg.temperature != 1.0:  # a division over [rows, R, vocab] (and its backward) otherwise
             scaled = scaled / max(self.cfg.temperature, 1e-6)
@@ -140,7 +158,7 @@ class PPOLearner:
         logprobs = logp.gather(-1, packed.response_ids.to(self.device).unsqueeze(-1)).squeeze(-1)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.entropy_coef > 0):
             entropy = -(logp.exp() * logp).sum(-1)
-        values = self._values(packed) if with_values else None
+        values = out.value if self.shared else self._values(packed) if with_values else None
         return logits, logprobs, entropy, values
 
     def _values(self, packed: PackedBatch) -> torch.Tensor:
@@ -156,7 +174,8 @@ class PPOLearner:
         """Old log-probs, values and entropy of this rank's rows: each [rows, R], 0 on padding; with
         ppo.kl_estimator full also "kl" [rows, R], the exact KL(pi || pi_ref) at each response position
         (from this rank's reference copy). ppo.forward_micro_batch_size rows per forward. `policy` False
-        (ppo.old_logprobs rollout): the critic's values alone, no policy forward."""
+        (ppo.old_logprobs rollout): the critic's values alone, no policy forward (ppo.critic shared: the
+        one forward still runs, its values are the head's)."""
         start = time.perf_counter()
         packed = pack(batch.prompt_ids, batch.response_ids, pad_id)
         part = select_rows(packed, shard_rows(len(batch.prompt_ids), self.rank, self.world_size))
@@ -164,7 +183,7 @@ class PPOLearner:
             engine.eval()
 
         def forward(micro: PackedBatch) -> dict:
-            if not policy:
+            if not policy and not self.shared:  # shared: the values come from the policy's own forward
                 return {"values": self._values(micro).float().cpu()}
             logits, logprobs, entropy, values = self._forward(micro)
             out = {"logprobs": logprobs.float().cpu(), "values": values.float().cpu(), "entropy": entropy.float().cpu()}
@@ -196,6 +215,8 @@ class PPOLearner:
         schedule = rank_schedule(len(batch.prompt_ids), self.cfg.mini_batch_size, self.micro, self.world_size,
                                  self.rank, self.cfg.ppo_epochs, self.cfg.seed)
         lrs = {f"{name}_lr": engine.get_lr()[0] for name, engine in self.engines.items()}  # this update's
+        if self.shared:
+            lrs["critic_lr"] = self.actor.get_lr()[1]  # the value head's group (`PolicyWithValueHead.param_groups`)
         for engine in self.engines.values():
             engine.train()
         sums: dict[str, float] = {}
@@ -217,112 +238,36 @@ class PPOLearner:
         """One micro-step of both engines. The loss is the micro-batch's token sum over the mini-batch's
         token count x world size (DeepSpeed averages gradients over ranks; accumulation adds them, so
         scale_wrt_gas=False), x `weight` (0 for a placeholder): any cut of the mini-batch into ranks and
-        micro-batches gives the gradient of its token mean. -> token sums of the diagnostics."""
+        micro-batches gives the gradient of its token mean. ppo.critic shared: one engine, one backward of
+        policy loss + ppo.vf_coef x value loss (scaled alike). -> token sums of the diagnostics."""
         mask = part.response_mask.to(self.device)
         scale, norm = weight * self.world_size, minibatch_tokens
-        _, logprobs, entropy, _ = self._forward(part, with_values=False)
+        _, logprobs, entropy, values = self._forward(part, with_values=False)
         pg_loss, clipfrac, approx_kl = policy_loss(logprobs, old_logprobs.to(self.device),
                                                    advantages.to(self.device), mask, self.cfg.clip_eps, norm)
         entropy_sum = token_sum_over(entropy, mask, norm)
         loss = pg_loss - self.cfg.entropy_coef * entropy_sum if self.cfg.entropy_coef else pg_loss
+        if self.shared:
+            vf_loss, vf_clipfrac = value_loss(values, old_values.to(self.device), returns.to(self.device), mask,
+                                              self.cfg.value_clip, norm)
+            loss = loss + self.cfg.vf_coef * vf_loss
         self.actor.backward(loss * scale, scale_wrt_gas=False)
         self.actor.step()  # an optimizer step at the accumulation boundary only
         tokens = float(mask.sum()) * weight
         stats = {"policy_loss": pg_loss.item() * norm * weight, "entropy": entropy_sum.item() * norm * weight,
                  "clip_frac": clipfrac.item() * tokens, "approx_kl": approx_kl.item() * tokens, "tokens": tokens}
-        if self.critic is None:
-            return stats
-        values = self._values(part)
-        vf_loss, vf_clipfrac = value_loss(values.float(), old_values.to(self.device), returns.to(self.device),
-                                          mask, self.cfg.value_clip, norm)
-        self.critic.backward(vf_loss * scale, scale_wrt_gas=False)
-        self.critic.step()
+        if self.critic is not None:  # separate: the critic's own forward, backward and step
+            values = self._values(part)
+            vf_loss, vf_clipfrac = value_loss(values.float(), old_values.to(self.device), returns.to(self.device),
+                                              mask, self.cfg.value_clip, norm)
+            self.critic.backward(vf_loss * scale, scale_wrt_gas=False)
+            self.critic.step()
+        elif not self.shared:
+            return stats  # ReMax: no value function
         return {**stats, "value_loss": vf_loss.item() * norm * weight, "value_clip_frac": vf_clipfrac.item() * tokens}
 
-    # ------------------------------------------------------------------ weights and checkpoints
-    def state_buckets(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                      skip: tuple[str, ...] | set[str] = (), every_rank: bool = False, compact_views: bool = True):
-        """The policy's HF-named weights, one bucket of <= ppo.bucket_mib at a time: {name: tensor} on
-        rank 0 (`every_rank`: on every rank), None elsewhere (`tlcr_ray.training.gather.state_buckets`).
-        Every rank must drain it (collective under ZeRO-3); nothing holds the whole model at once."""
-        from tlcr_ray.training.gather import state_buckets
-
-        return state_buckets(self.actor.module, zero3=self.cfg.zero_stage == 3, rank=0 if every_rank else self.rank,
-                             bucket_bytes=int(self.cfg.bucket_mib * 2**20), device=device, dtype=dtype, skip=skip,
-                             compact_views=compact_views)
-
-    def full_state_dict(self, device: str = "cpu") -> dict[str, torch.Tensor] | None:
-        """The whole policy state dict on rank 0 (None elsewhere), assembled from `state_buckets`: a
-        whole-model copy, for tests and small models; syncs and exports stream the buckets instead."""
-        state: dict[str, torch.Tensor] = {}
-        for bucket in self.state_buckets(device):
-            if bucket is not None:
-                state.update({name: t.clone() for name, t in bucket.items()})
-        return state if self.rank == 0 else None
-
-    # CUDA + vLLM weight sync: rank 0 broadcasts into the vLLM workers over a stateless NCCL group.
-    @property
-    def tie_word_embeddings(self) -> bool:
-        return bool(getattr(self.actor.module.config, "tie_word_embeddings", False))
-
-    def weight_update_info(self) -> dict | None:
-        """Names, dtypes and shapes of what `send_weights` broadcasts, in send order (rank 0; None
-        elsewhere). Read from the parameters' metadata (ZeRO-3 keeps the full shape in `ds_shape`):
-        nothing is gathered. Fixed for a run, so the receivers get it once."""
-        from tlcr_ray.rl.weight_sync import weight_update_info
-
-        if self.rank != 0:
-            return None
-        return weight_update_info(self._policy_entries())
-
-    def _policy_entries(self) -> list[tuple[str, SimpleNamespace]]:
-        """(name, dtype + full shape) of every state-dict entry, tied lm_head included, in stream order."""
-        return [(name, SimpleNamespace(dtype=t.dtype, shape=tuple(getattr(t, "ds_shape", t.shape))))
-                for name, t in self.actor.module.state_dict(keep_vars=True).items()]
-
-    def init_weight_sender(self, master_address: str, master_port: int, world_size: int) -> None:
-        """Rank 0 takes rank 0 of the NCCL group; blocks until every vLLM worker has joined."""
-        if self.rank == 0:
-            from tlcr_ray.rl.weight_sync import NCCLWeightSender
-
-            self.sender = NCCLWeightSender(master_address, master_port, world_size)
-
-    def send_weights(self) -> float:
-        """One broadcast round, bucket by bucket (all ranks call it: gathering is collective under ZeRO-3)."""
-        start = time.perf_counter()
-        stream = self.state_buckets(device=self.device)
-        if self.rank == 0:
-            from tlcr_ray.training.gather import items_of
-
-            self.sender.send(items_of(stream))
-        else:
-            for _ in stream:
-                pass
-        return time.perf_counter() - start
-
-    def push_weights(self, kind: str, deliver) -> float:
-        """ppo.weight_sync shm | cuda_ipc: the policy handed over bucket by bucket, by reference
-        (`tlcr_ray.rl.handover.push_buckets`); `deliver(handle)` (called on rank 0) returns once every
-        engine has loaded the bucket, which is then freed. Every rank calls it (collective under ZeRO-3).
-        cuda_ipc: each rank shares its own gathered copy, so an engine reads the one on its GPU."""
-        from tlcr_ray.rl.handover import push_buckets
-
-        start = time.perf_counter()
-        ipc = kind == "cuda_ipc"
-        several = ipc and self.world_size > 1
-        # The tensors as held, on the learner's device (ZeRO-1/2's views uncopied): packing is the one copy.
-        stream = self.state_buckets(device=self.device, every_rank=ipc, compact_views=False)
-        push_buckets(stream, kind, deliver, rank=self.rank, device=self.device,
-                     gather=self._all_gather_object if several else None,
-                     barrier=torch.distributed.barrier if several else None)
-        return time.perf_counter() - start
-
-    @staticmethod
-    def _all_gather_object(obj) -> list:
-        out = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(out, obj)
-        return out
-
+    # ------------------------------------------------------------------ sync checks and checkpoints
+    # (the weight streams and the HF export: `rl.learner_weights.PolicyWeights`)
     @torch.no_grad()
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> list[list[float]]:
         """Log-probs (temperature 1) of given responses under the current policy, for sync checks."""
@@ -341,6 +286,10 @@ class PPOLearner:
 
     def load_checkpoint(self, folder: str) -> None:
         folder = Path(folder)
+        written = "separate" if (folder / "critic").is_dir() else "shared"  # (or ReMax's: no critic either way)
+        if (folder / "actor").is_dir() and (self.critic is not None) != (written == "separate"):  # states differ
+            raise ValueError(f"{folder}: written with ppo.critic={written}, but this run has ppo.critic="
+                             f"{self.cfg.critic}; resume with the value it was written with, or set ppo.resume=never")
         for name, engine in self.engines.items():
             try:
                 path, _ = engine.load_checkpoint(str(folder / name), tag="ds")
@@ -353,27 +302,3 @@ class PPOLearner:
                 path, _ = engine.load_checkpoint(str(folder / name), tag="ds", load_lr_scheduler_states=False)
             if path is None:
                 raise FileNotFoundError(f"{folder / name}: no DeepSpeed checkpoint 'ds'")
-
-    def _export_tokenizer(self):
-        """Rank 0: the policy's tokenizer, loaded once (loading one costs a few hundred MB of transient
-        RSS: every export paying it again would add that to the export's peak). None elsewhere."""
-        if self.rank != 0:
-            return None
-        if getattr(self, "_tokenizer", None) is None:
-            from tlcr_ray.models import load_tokenizer
-
-            self._tokenizer = load_tokenizer(self.policy_dir)
-        return self._tokenizer
-
-    def export_hf(self, path: str, dtype: str | None = None, step: int | None = None, final: bool = False) -> None:
-        """Policy as a loadable HF folder with its tokenizer, streamed bucket by bucket (rank 0 writes;
-        collective under ZeRO-3). `dtype`: the stored dtype (None: ppo.export_dtype; "auto": as trained)."""
-        from tlcr_ray.training.gather import export_dtype, export_rounding, tied_names, write_hf_folder
-
-        module = self.actor.module
-        held = next(module.parameters()).dtype
-        stored = export_dtype(self.cfg.export_dtype if dtype is None else dtype, held)
-        rounding = export_rounding(self.cfg.export_rounding, stored, held)  # stochastic: by the writer, from fp32
-        buckets = self.state_buckets(dtype=None if rounding == "stochastic" else stored, skip=tied_names(module))
-        write_hf_folder(buckets, path, module=module, rank=self.rank, tokenizer=self._export_tokenizer(),
-                        dtype=stored, extra={"step": step, "final": final}, rounding=rounding, seed=self.cfg.seed)

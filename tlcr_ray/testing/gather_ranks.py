@@ -8,7 +8,9 @@ bucket); `whole` is the export as it was before it (every rank gathers every par
 clones the whole state dict and hands it to `save_pretrained`), kept here only to measure against.
 Rank 0 also writes OUT/reference.pt (every weight, gathered after the export, for the identity check)
 and, for `streamed`, loads the same buckets into an `HFRollout` and records whether it then holds
-exactly those weights.
+exactly those weights. `shared` is `streamed` for a ppo.critic shared learner trained for one update
+first (its export must be the policy alone), then a checkpoint round trip: a fresh learner loads it
+and each rank records whether its values and log-probs came back exactly (`checkpoint_restored`).
 
 Measured per rank: the largest sum of full-size parameters held gathered at any moment the consumer
 saw a bucket (DeepSpeed's, ZeRO status AVAILABLE, or the gloo path's own buffers) (`max_gathered_bytes`; for `whole`, all of them);
@@ -79,9 +81,13 @@ def run_rank(args) -> None:
     from tlcr_ray.rl.learner import PPOLearner
     from tlcr_ray.training.gather import param_bytes
 
-    cfg = PPOConfig(zero_stage=3, mini_batch_size=args.world, bucket_mib=args.bucket_mib)
+    shared = args.variant == "shared"
+    cfg = PPOConfig(zero_stage=3, mini_batch_size=args.world, bucket_mib=args.bucket_mib, actor_lr=1e-3,
+                    critic_lr=1e-2, critic="shared" if shared else "separate")
     learner = PPOLearner(args.model, cfg, rank=args.rank, world_size=args.world, init_method=args.init)
-    module = learner.actor.module
+    if shared:
+        _update(learner)
+    module = learner.policy_module
     out = Path(args.out)
     largest = max(param_bytes(p) for p in module.parameters())
     total = sum(param_bytes(p) for p in module.parameters())
@@ -118,7 +124,7 @@ def run_rank(args) -> None:
     reference = learner.full_state_dict()  # after the measurement: the ground truth the folder must match
     if args.rank == 0:
         torch.save(reference, out / "reference.pt")
-    if args.variant == "streamed":  # the same buckets into an HF rollout engine (collective: every rank)
+    if args.variant in ("streamed", "shared"):  # the same buckets into an HF rollout engine (collective)
         buckets = learner.state_buckets()
         if args.rank == 0:
             from tlcr_ray.rl.rollout.hf import HFRollout
@@ -130,7 +136,50 @@ def run_rank(args) -> None:
         else:
             for _ in buckets:
                 pass
+    if shared:
+        result["checkpoint_restored"] = _checkpoint_round_trip(learner, args, out)
     (out / f"rank{args.rank}.json").write_text(json.dumps(result) + "\n")
+
+
+def _rollout():
+    """A fixed 4-row batch (the same on every rank) and its advantages and returns [4, R]."""
+    import torch
+
+    from tlcr_ray.rl.batch import RolloutBatch
+
+    g = torch.Generator().manual_seed(0)
+    ids = lambda n: torch.randint(3000, 4000, (n,), generator=g).tolist()  # noqa: E731
+    prompts, responses = [ids(n) for n in (5, 3, 7, 4)], [ids(n) for n in (4, 6, 2, 5)]
+    batch = RolloutBatch(prompts, responses, [[0.0] * len(r) for r in responses], ["length"] * 4)
+    return batch, torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
+
+
+def _update(learner) -> dict:
+    """One update on the fixed batch: train takes the whole batch's old log-probs and values, evaluate
+    returns this rank's rows (contiguous, in rank order)."""
+    import torch
+
+    batch, advantages, returns = _rollout()
+    old = learner.evaluate(batch, 0)
+    whole = {k: torch.cat(learner._all_gather_object(old[k]), dim=0) for k in ("logprobs", "values")}
+    return learner.train(batch, 0, advantages, returns, whole["logprobs"], whole["values"])
+
+
+def _checkpoint_round_trip(learner, args, out: Path) -> bool:
+    """Save (collective), load into a fresh shared learner, and compare this rank's evaluate outputs."""
+    import torch
+
+    from tlcr_ray.rl.learner import PPOLearner
+
+    batch, _, _ = _rollout()
+    before = learner.evaluate(batch, 0)
+    learner.save_checkpoint(str(out / "ckpt"))
+    fresh = PPOLearner(args.model, learner.cfg, rank=args.rank, world_size=args.world, init_method=args.init)
+    zero_head = fresh.evaluate(batch, 0)["values"].abs().max().item() == 0
+    fresh.load_checkpoint(str(out / "ckpt"))
+    after = fresh.evaluate(batch, 0)
+    return zero_head and before["values"].abs().max().item() > 0 and all(
+        torch.equal(before[k], after[k]) for k in ("values", "logprobs"))
 
 
 def launch(model: str, out: str | Path, variant: str, bucket_mib: float, world: int = 2,
@@ -158,7 +207,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--variant", choices=["streamed", "whole"], default="streamed")
+    parser.add_argument("--variant", choices=["streamed", "whole", "shared"], default="streamed")
     parser.add_argument("--bucket-mib", type=float, default=1.0)
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--rank", type=int)
