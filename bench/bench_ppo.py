@@ -165,7 +165,7 @@ def trl_in_fresh_process(omp_wait_policy: str | None, *args) -> dict:
 
 def versus_trl(steps: int, work: Path, model: str, rollout_backend: str, wait_policies: list[str],
                zero_stage: int | None = None, rollout_dtype: str = "auto", scorer_threads: int = 0,
-               old_logprobs: str = "learner", batch: int = 8,
+               old_logprobs: str = "learner", critic: str = "separate", batch: int = 8,
                response_len: int = 64) -> None:
     from tlcr_ray.config import load_config, rollout_dtype as rollout_dtype_of
     from tlcr_ray.data.pairs import load_split
@@ -190,7 +190,7 @@ def versus_trl(steps: int, work: Path, model: str, rollout_backend: str, wait_po
         "ppo.learner.num_actors=1", "ppo.learner.num_cpus=1", "ppo.resume=never", f"ppo.checkpoint_every={steps + 10}",
         f"ppo.threads_per_actor={os.cpu_count()}",  # stages run one at a time; TRL's one process uses every core too
         f"ppo.reward.threads={scorer_threads}", f"ppo.reference.threads={scorer_threads}",
-        f"ppo.old_logprobs={old_logprobs}",
+        f"ppo.old_logprobs={old_logprobs}", f"ppo.critic={critic}",
         "data.max_pairs=64"])
     _ensure_models(cfg, work)
     load = [os.getloadavg()[0]]
@@ -215,7 +215,7 @@ def versus_trl(steps: int, work: Path, model: str, rollout_backend: str, wait_po
            f"{model_name}, {rollout_backend} rollout, batch {batch}, response {response_len} tokens, prompts <= "
            f"{cfg.model.max_prompt_len}, T=1 no top-p, 1 epoch x 1 minibatch, {steps} timed steps each; ours "
            f"{ours:.3f} samples/s (Ray: {rollout_backend} rollout + reward + reference + 1 DeepSpeed learner, ZeRO "
-           f"{cfg.ppo.zero_stage}, rollout dtype {rollout_dtype_of(cfg)}, old log-probs from the {old_logprobs}, {cfg.ppo.threads_per_actor} threads each"
+           f"{cfg.ppo.zero_stage}, rollout dtype {rollout_dtype_of(cfg)}, old log-probs from the {old_logprobs}, {critic} critic, {cfg.ppo.threads_per_actor} threads each"
            f"{f' (reward, reference {scorer_threads})' if scorer_threads else ''}; per step "
            + " + ".join(f"{k} {v:.2f}s" for k, v in stages.items())
            + "; inside the actors " + ", ".join(f"{k} {v:.2f}s" for k, v in inner.items())
@@ -241,6 +241,8 @@ def main() -> None:
                              "nothing, as in configs/demo.yaml)")
     parser.add_argument("--scorer-threads", type=int, default=0,
                         help="trl part: ppo.reward.threads and ppo.reference.threads (0: every actor gets all cores)")
+    parser.add_argument("--critic", choices=["separate", "shared"], default="separate",
+                        help="trl part: ppo.critic (shared: a value head on the policy, one forward/backward)")
     parser.add_argument("--old-logprobs", choices=["learner", "rollout"], default="learner",
                         help="trl part: ppo.old_logprobs (rollout: the HF engine's sampling log-probs, as TRL reads them)")
     parser.add_argument("--rollout-dtype", default="auto",
@@ -255,7 +257,7 @@ def main() -> None:
             breakdown(args.config, args.steps, Path(tmp))
         if args.part in ("trl", "all"):
             versus_trl(args.steps, Path(tmp), args.model, args.rollout_backend, args.trl_wait_policies,
-                       args.zero_stage, args.rollout_dtype, args.scorer_threads, args.old_logprobs)
+                       args.zero_stage, args.rollout_dtype, args.scorer_threads, args.old_logprobs, args.critic)
 
 
 if __name__ == "__main__":
