@@ -175,7 +175,6 @@ def _check_across(cfg: "Config") -> None:
         if getattr(cfg, section).offload_optimizer and zero == 0:
             raise ConfigError(f"{section}.offload_optimizer: DeepSpeed offloads the optimizer under ZeRO 1-3; "
                               f"set {section}.zero_stage >= 1")
-    for section in ("sft", "disc", "rm", "dpo", "figa", "ppo"):
         part = getattr(cfg, section)
         if part.export_rounding == "stochastic" and part.export_dtype != "bfloat16":
             raise ConfigError(f"{section}.export_rounding=stochastic rounds fp32 weights into a bfloat16 export: "

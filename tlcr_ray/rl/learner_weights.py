@@ -114,12 +114,11 @@ class PolicyWeights:
     def export_hf(self, path: str, dtype: str | None = None, step: int | None = None, final: bool = False) -> None:
         """Policy as a loadable HF folder with its tokenizer, streamed bucket by bucket (rank 0 writes;
         collective under ZeRO-3). `dtype`: the stored dtype (None: ppo.export_dtype; "auto": as trained)."""
-        from tlcr_ray.training.gather import export_dtype, export_rounding, tied_names, write_hf_folder
+        from tlcr_ray.training.gather import export_cast, tied_names, write_hf_folder
 
         module = self.policy_module
-        held = next(module.parameters()).dtype
-        stored = export_dtype(self.cfg.export_dtype if dtype is None else dtype, held)
-        rounding = export_rounding(self.cfg.export_rounding, stored, held)  # stochastic: by the writer, from fp32
-        buckets = self.state_buckets(dtype=None if rounding == "stochastic" else stored, skip=tied_names(module))
+        stored, gathered, rounding = export_cast(self.cfg.export_dtype if dtype is None else dtype,
+                                                 self.cfg.export_rounding, next(module.parameters()).dtype)
+        buckets = self.state_buckets(dtype=gathered, skip=tied_names(module))
         write_hf_folder(buckets, path, module=module, rank=self.rank, tokenizer=self._export_tokenizer(),
                         dtype=stored, extra={"step": step, "final": final}, rounding=rounding, seed=self.cfg.seed)

@@ -263,10 +263,14 @@ def export_dtype(name: str | None, held: torch.dtype) -> torch.dtype:
     return torch_dtype(name)
 
 
-def export_rounding(rounding: str, stored: torch.dtype, held: torch.dtype) -> str:
-    """`rounding` (<stage>.export_rounding) where it applies, an fp32 model stored in bf16; else nearest
-    (a checkpoint's "auto" export, for one, is stored as held and stays exact)."""
-    return rounding if stored == torch.bfloat16 and held == torch.float32 else "nearest"
+def export_cast(name: str | None, rounding: str, held: torch.dtype) -> tuple[torch.dtype, torch.dtype | None, str]:
+    """An export's (stored dtype, dtype `state_buckets` should yield, rounding): `rounding`
+    (<stage>.export_rounding) applies only to an fp32 model stored in bf16, whose buckets then stay fp32
+    for the writer to round; else nearest, cast while gathering (a checkpoint's "auto" export stays exact)."""
+    stored = export_dtype(name, held)
+    if rounding == "stochastic" and stored == torch.bfloat16 and held == torch.float32:
+        return stored, None, "stochastic"
+    return stored, stored, "nearest"
 
 
 def read_export_info(path: str | Path) -> dict | None:

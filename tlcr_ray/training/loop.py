@@ -212,14 +212,12 @@ def export(stage, engine, cfg: TrainConfig, path: Path, tokenizer, rank: int, st
     ZeRO-3 every rank takes part in each bucket's gather and nothing holds the whole model."""
     import torch.distributed as dist
 
-    from tlcr_ray.training.gather import export_dtype, export_rounding, state_buckets, tied_names, write_hf_folder
+    from tlcr_ray.training.gather import export_cast, state_buckets, tied_names, write_hf_folder
 
     module = engine.module
-    held = next(module.parameters()).dtype
-    stored = export_dtype(cfg.export_dtype, held)
-    rounding = export_rounding(cfg.export_rounding, stored, held)  # stochastic: rounded by the writer, from fp32
+    stored, gathered, rounding = export_cast(cfg.export_dtype, cfg.export_rounding, next(module.parameters()).dtype)
     buckets = state_buckets(module, zero3=cfg.zero_stage == 3, rank=rank, bucket_bytes=int(cfg.bucket_mib * 2**20),
-                            dtype=None if rounding == "stochastic" else stored, skip=tied_names(module))
+                            dtype=gathered, skip=tied_names(module))
     write_hf_folder(buckets, path, module=module, rank=rank, tokenizer=tokenizer if rank == 0 else None,
                     dtype=stored, extra={"stage": stage, "step": step, "final": final}, rounding=rounding,
                     seed=cfg.seed)

@@ -17,19 +17,17 @@ import zlib
 import torch
 
 
-
 def stochastic_bf16(weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """fp32 [any shape] -> bf16 [same], rounded away from zero with probability equal to the dropped
     fraction of a bf16 step. bf16 is fp32's top 16 bits: adding a uniform 16-bit integer to the bit pattern
     and truncating the low half does exactly that, for either sign (the sign bit sits above the carry)."""
     if weight.dtype != torch.float32:
         raise TypeError(f"stochastic rounding to bfloat16 starts from float32, got {weight.dtype}")
-    bits = weight.detach().cpu().contiguous().view(torch.int32)
-    noise = torch.randint(0, 1 << 16, bits.shape, generator=generator, dtype=torch.int32)
+    weight = weight.detach().cpu().contiguous()
+    noise = torch.randint(0, 1 << 16, weight.shape, generator=generator, dtype=torch.int32)
     # -65536 is 0xFFFF0000: keep the top 16 bits. A carry into the exponent is the next bf16 value up.
-    rounded = ((bits + noise) & -65536).view(torch.float32)
-    finite = torch.isfinite(weight.detach().cpu())
-    return torch.where(finite, rounded, weight.detach().cpu()).to(torch.bfloat16)  # exact: low bits are 0
+    rounded = ((weight.view(torch.int32) + noise) & -65536).view(torch.float32)
+    return torch.where(torch.isfinite(weight), rounded, weight).to(torch.bfloat16)  # exact: low bits are 0
 
 
 def generator_for(name: str, seed: int) -> torch.Generator:
