@@ -42,6 +42,11 @@ from tlcr_ray.tracking import CheckpointDir, MetricsLog, read_step_rows
 ACTOR_LOST = (RayActorError,)  # ActorDiedError and ActorUnavailableError are subclasses
 
 
+def _cat(parts: list[dict], key: str) -> torch.Tensor:
+    """One tensor from the actors' row blocks, in order."""
+    return torch.cat([p[key] for p in parts])
+
+
 class PPOLoop:
     """One attempt of the PPO loop over live actor groups; raises on a lost actor (`run` recovers)."""
 
@@ -54,6 +59,7 @@ class PPOLoop:
         self.ckpts, self.metrics, self.export_dir, self.heldout = ckpts, metrics, export_dir, heldout
         self.synced = False
         self.hooks = PhaseHooks.for_groups(groups, metrics)  # ppo.colocate all's sleep/offload; else no-ops
+        self.fused = groups.learners.fuses_evaluation()  # ppo.fuse_evaluation on a one-pass update
 
     def probe_heldout(self) -> dict:
         """Sample one reply per held-out prompt on rollout 0 (fixed seeds, in rollout-sized batches) -> the
@@ -89,41 +95,44 @@ class PPOLoop:
         if remax:
             greedy_batch = merge_batches([b for b, _ in greedy])
             greedy_score_refs = self._score(ray.put(greedy_batch), len(prompt_ids))
-        full_kl = ppo.kl_estimator == "full"  # exact KL from the learner (its reference copy): [batch, R] only
         ref_refs = [r.logprobs.remote(batch_ref, self.pad_id, rows)
                     for r, rows in zip(g.references, split_rows(len(prompt_ids), len(g.references)))]
         from_rollout = ppo.old_logprobs == "rollout"  # the HF engine's sampling log-probs: no policy forward
-        eval_refs = g.learners.evaluate(batch_ref, self.pad_id, not from_rollout)
+        # ppo.fuse_evaluation: the one-pass update's own forwards give the old log-probs and values.
+        eval_refs = [] if self.fused else g.learners.evaluate(batch_ref, self.pad_id, not from_rollout)
         done = get_all(score_refs + ref_refs + eval_refs)
         scores, refs = done[:len(score_refs)], done[len(score_refs):len(score_refs) + len(ref_refs)]
         evals = done[len(score_refs) + len(ref_refs):]
         t_scored = time.perf_counter()
-        cat = lambda parts, key: torch.cat([p[key] for p in parts])  # noqa: E731
-        rewards = cat(scores, "rewards")
+        rewards = _cat(scores, "rewards")
         mask = response_mask(batch.response_ids, rewards.shape[1])
         rewards = self._penalized(rewards, mask, batch.finish_reasons)
-        old_logprobs = rollout_logprobs(batch.logprobs, mask) if from_rollout else cat(evals, "logprobs")
-        ref_logprobs, values = cat(refs, "logprobs"), cat(evals, "values")
-        kl_inputs = dict(kl_estimator=ppo.kl_estimator, kl=cat(evals, "kl") if full_kl else None,
-                         temperature=ppo.temperature)
+        old_logprobs = rollout_logprobs(batch.logprobs, mask) if from_rollout else \
+            None if self.fused else _cat(evals, "logprobs")
+        ref_logprobs, values = _cat(refs, "logprobs"), None if self.fused else _cat(evals, "values")
         baseline = None
         if remax:  # the greedy response's total reward, by the same reward function as the sample's
-            greedy_rewards = cat(get_all(greedy_score_refs), "rewards")
+            greedy_rewards = _cat(get_all(greedy_score_refs), "rewards")
             greedy_mask = response_mask(greedy_batch.response_ids, greedy_rewards.shape[1])
             baseline = self._penalized(greedy_rewards, greedy_mask, greedy_batch.finish_reasons).sum(1)
-            adv = remax_advantages(rewards, baseline, old_logprobs, ref_logprobs, mask, kl_coef=ppo.kl_coef,
-                                   gamma=ppo.gamma, **kl_inputs)
-        else:
-            adv = advantages_from_rollout(rewards, old_logprobs, ref_logprobs, values, mask, kl_coef=ppo.kl_coef,
-                                          gamma=ppo.gamma, lam=ppo.lam, whiten=ppo.whiten_advantages, **kl_inputs)
-        del kl_inputs
-        entropy = None if from_rollout else cat(evals, "entropy")  # None: the update's forward gives it
-        eval_seconds, ref_seconds = max(e["seconds"] for e in evals), max(r["seconds"] for r in refs)
+        # None: the update's forward gives it
+        entropy = None if from_rollout or self.fused else _cat(evals, "entropy")
+        eval_seconds = max((e["seconds"] for e in evals), default=0.0)
+        ref_seconds = max(r["seconds"] for r in refs)
+        kl = _cat(evals, "kl") if ppo.kl_estimator == "full" else None  # the learner's exact KL (its reference)
         del done, evals, refs
-        t_adv = time.perf_counter()
-        t_phases += self.hooks.before_train()
-        train = get_all(g.learners.train(batch_ref, self.pad_id, ray.put(adv["advantages"]),
-                                         ray.put(adv["returns"]), ray.put(old_logprobs), ray.put(values)))
+        if self.fused:  # the advantages are computed by the learner, inside the update
+            t_adv = time.perf_counter()
+            t_phases += self.hooks.before_train()
+            out = get_all(g.learners.train_in_one_pass(batch_ref, self.pad_id, ray.put(rewards), ray.put(ref_logprobs),
+                                                       old_logprobs, baseline))[0]
+            train, old_logprobs, values, adv = [out.pop("stats")], out.pop("old_logprobs"), out.pop("values"), out
+        else:
+            adv = self._advantages(rewards, mask, old_logprobs, ref_logprobs, values, baseline, kl)
+            t_adv = time.perf_counter()
+            t_phases += self.hooks.before_train()
+            train = get_all(g.learners.train(batch_ref, self.pad_id, ray.put(adv["advantages"]),
+                                             ray.put(adv["returns"]), ray.put(old_logprobs), ray.put(values)))
         t_phases += self.hooks.after_train()
         t_trained = time.perf_counter()
         # Checked on this attempt's first sync (fresh or recreated engines), then every Nth step.
@@ -158,6 +167,16 @@ class PPOLoop:
             "tokens_per_s": n_tokens / (t_end - t_start),
             **sync,
         }
+
+    def _advantages(self, rewards, mask, old_logprobs, ref_logprobs, values, baseline, kl) -> dict:
+        """The controller's advantages (`ppo_math`): ReMax's with the greedy `baseline`, else GAE on `values`."""
+        ppo = self.ppo
+        kl_inputs = dict(kl_estimator=ppo.kl_estimator, kl=kl, temperature=ppo.temperature)
+        if baseline is not None:
+            return remax_advantages(rewards, baseline, old_logprobs, ref_logprobs, mask, kl_coef=ppo.kl_coef,
+                                    gamma=ppo.gamma, **kl_inputs)
+        return advantages_from_rollout(rewards, old_logprobs, ref_logprobs, values, mask, kl_coef=ppo.kl_coef,
+                                       gamma=ppo.gamma, lam=ppo.lam, whiten=ppo.whiten_advantages, **kl_inputs)
 
     def _generate(self, prompt_ids: list[list[int]], temperature: float, seed: int) -> list:
         """Refs of one `generate` per rollout engine over its share of the prompts -> (RolloutBatch, seconds)."""

@@ -58,6 +58,15 @@ class LearnerWorker:
         maybe_inject_oom("ppo.learner", self.train_calls)  # TLCR_TEST_OOM, a test hook (tlcr_ray.oom)
         return self.learner.train(batch, pad_id, advantages, returns, old_logprobs, old_values)
 
+    def train_in_one_pass(self, batch: RolloutBatch, pad_id: int, rewards: torch.Tensor, ref_logprobs: torch.Tensor,
+                          old_logprobs: torch.Tensor | None, baseline: torch.Tensor | None) -> dict:
+        self.train_calls += 1
+        maybe_inject_oom("ppo.learner", self.train_calls)
+        return self.learner.train_in_one_pass(batch, pad_id, rewards, ref_logprobs, old_logprobs, baseline)
+
+    def fuses_evaluation(self) -> bool:
+        return self.learner.fused
+
     def full_state_dict(self) -> dict | None:
         return self.learner.full_state_dict()
 
@@ -144,6 +153,15 @@ class LearnerGroup:
     def train(self, batch_ref, pad_id: int, advantages, returns, old_logprobs, old_values) -> list:
         return [w.train.remote(batch_ref, pad_id, advantages, returns, old_logprobs, old_values)
                 for w in self.workers]
+
+    def train_in_one_pass(self, batch_ref, pad_id: int, rewards, ref_logprobs, old_logprobs, baseline) -> list:
+        """`PPOLearner.train_in_one_pass` (one rank: ppo.fuse_evaluation needs world size 1)."""
+        return [w.train_in_one_pass.remote(batch_ref, pad_id, rewards, ref_logprobs, old_logprobs, baseline)
+                for w in self.workers]
+
+    def fuses_evaluation(self) -> bool:
+        """Whether the ranks fold the evaluation into a one-pass update (`PPOLearner.fused`)."""
+        return all(ray.get([w.fuses_evaluation.remote() for w in self.workers]))
 
     def full_state_dict(self) -> list:
         """Rank 0's ref holds the whole CPU state dict; the others None (collective under ZeRO-3)."""

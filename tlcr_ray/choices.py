@@ -35,6 +35,8 @@ EVAL_ON_WORKERS = ("auto", "never", "always")
 """`eval.on_workers`: evaluation on Ray GPU workers when the connected cluster has GPUs, never, or always."""
 OLD_LOGPROBS = ("learner", "rollout")
 """`ppo.old_logprobs`: who computes the behaviour policy's log-probs PPO's ratio and the KL shaping use."""
+FUSE_EVALUATION = ("auto", "off")
+"""`ppo.fuse_evaluation`: take a single-pass update's old log-probs and values from its own forward, or never."""
 CRITICS = ("separate", "shared")
 """`ppo.critic`: the critic as its own model and engine, or a value head on the policy's last hidden state."""
 CRITIC_INITS = ("reward", "policy")

@@ -12,6 +12,7 @@ from tlcr_ray.choices import (
     DTYPE_ALIASES,
     EXPORT_DTYPES,
     EXPORT_ROUNDINGS,
+    FUSE_EVALUATION,
     KL_ESTIMATORS,
     OLD_LOGPROBS,
     LR_SCHEDULES,
@@ -132,6 +133,14 @@ class PPOConfig:
     engine runs HF `generate` in model.dtype: the learner's step then skips one policy forward. Needs
     ppo.rollout_backend hf, ppo.rollout_dtype auto (or = model.dtype) and kl_estimator k1/k3 (full
     needs the learner's logits); the entropy metric then comes from the update's forward."""
+    fuse_evaluation: str = choice("auto", FUSE_EVALUATION)
+    """`auto`: when one PPO update is a single optimizer step of a single micro-step over the whole batch
+    on one learner rank (ppo_epochs 1, mini_batch_size >= prompts_per_step, micro_batch_size unset or
+    >= it, kl_estimator k1/k3, a policy without active dropout), the update's own forwards run on the
+    very weights the learner's evaluation would: their detached log-probs and values ARE the old ones,
+    so no evaluation runs and the learner computes the advantages itself (a separate critic's forward
+    then runs before the actor's backward: both graphs are held at once). The update is the same to
+    float rounding (`rl.learner.PPOLearner.train_in_one_pass`). `off`: always evaluate first."""
     rollout_dtype: str = choice("auto", EXPORT_DTYPES, DTYPE_ALIASES)
     """Weight dtype of the PPO rollout engines (evaluation generates in model.dtype): auto (model.dtype) or
     float32/bfloat16/float16. bfloat16 under an fp32 learner is the GPU recipe (vLLM in bf16, fp32 masters)

@@ -80,6 +80,21 @@ def enable_gradient_checkpointing(model):
     return model
 
 
+DROPOUT_FIELDS = ("dropout", "attention_dropout", "hidden_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop",
+                  "hidden_dropout_prob", "attention_probs_dropout_prob", "summary_first_dropout")
+"""HF config fields that switch dropout on in train() mode (a functional dropout leaves no module)."""
+
+
+def has_active_dropout(model) -> bool:
+    """Whether train() mode makes `model`'s forward random: an nn.Dropout with p > 0, or a dropout rate in
+    the HF config of the model (or of its backbone / policy inside)."""
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+        return True
+    configs = [getattr(m, "config", None) for m in model.modules()]
+    return any(isinstance(getattr(c, f, None), (int, float)) and getattr(c, f) > 0
+               for c in configs if c is not None for f in DROPOUT_FIELDS)
+
+
 def load_policy(path: str, dtype: str = "float32"):
     from transformers import AutoModelForCausalLM
 

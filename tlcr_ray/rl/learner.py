@@ -6,6 +6,8 @@ ppo.critic shared: one engine, the policy with a value head on its last hidden s
     old = learner.evaluate(batch, pad_id)           # {"logprobs", "values", "entropy"}: [batch, R]
                                                     # (+ "kl" [batch, R], exact, for kl_estimator full)
     stats = learner.train(batch, pad_id, advantages, returns, old["logprobs"], old["values"])
+    out = learner.train_in_one_pass(batch, pad_id, rewards, ref_logprobs)   # learner.fused: no evaluate;
+                                                    # out["stats"], out["old_logprobs"], out["advantages"], ...
 
 Every rank packs the WHOLE batch (so P and R agree across ranks). `evaluate` scores the rank's
 contiguous block of rows, ppo.forward_micro_batch_size rows per forward, and returns only those (the
@@ -32,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tlcr_ray.models import enable_gradient_checkpointing, micro_batched, resident, row_slices
+from tlcr_ray.models import enable_gradient_checkpointing, has_active_dropout, micro_batched, resident, row_slices
 from tlcr_ray.models.shared_critic import PolicyWithValueHead
 from tlcr_ray.rl.batch import (
     PackedBatch,
@@ -47,12 +49,14 @@ from tlcr_ray.rl.batch import (
 from tlcr_ray.rl.learner_weights import PolicyWeights
 from tlcr_ray.rl.minibatches import (  # noqa: F401  (optimizer_steps_per_update: the count the schedule runs over)
     micro_rows,
+    fuses_evaluation,
     micro_steps_per_minibatch,
     minibatches_per_epoch,
     optimizer_steps_per_update,
     rank_schedule,
 )
-from tlcr_ray.rl.ppo_math import full_kl, policy_loss, token_sum_over, value_loss
+from tlcr_ray.rl.ppo_math import (advantages_from_rollout, full_kl, policy_loss, remax_advantages, token_sum_over,
+                                  value_loss)
 from tlcr_ray.training.optim import PRECISION_OF_DTYPE, deepspeed_config, lr_scheduler
 
 
@@ -93,6 +97,10 @@ class PPOLearner(PolicyWeights):
             self.critic = self._engine(critic, ppo_cfg.critic_lr, dtype)
         # kl_estimator full: the frozen initial policy beside the actor, so that the exact KL is computed
         # where both distributions are (docs/algorithm.md §6); one more model per rank (ZeRO-3: sharded).
+        # ppo.fuse_evaluation: an update of one micro-step needs no evaluation forward of its own weights
+        # (`train_in_one_pass`), unless dropout makes the train-mode forward differ from eval's.
+        self.fused = fuses_evaluation(ppo_cfg, world_size) and not any(
+            has_active_dropout(engine.module) for engine in self.engines.values())
         self.reference = self._reference(load_policy(policy_dir, dtype=dtype)) if ppo_cfg.kl_estimator == "full" \
             else None
         self._export_tokenizer()  # loaded now, not inside an export's memory peak
@@ -214,9 +222,7 @@ class PPOLearner(PolicyWeights):
         mask = packed.response_mask
         schedule = rank_schedule(len(batch.prompt_ids), self.cfg.mini_batch_size, self.micro, self.world_size,
                                  self.rank, self.cfg.ppo_epochs, self.cfg.seed)
-        lrs = {f"{name}_lr": engine.get_lr()[0] for name, engine in self.engines.items()}  # this update's
-        if self.shared:
-            lrs["critic_lr"] = self.actor.get_lr()[1]  # the value head's group (`PolicyWithValueHead.param_groups`)
+        lrs = self._lrs()
         for engine in self.engines.values():
             engine.train()
         sums: dict[str, float] = {}
@@ -233,6 +239,13 @@ class PPOLearner(PolicyWeights):
         result["seconds"] = time.perf_counter() - start
         return result
 
+    def _lrs(self) -> dict[str, float]:
+        """This update's learning rates: {"actor_lr", "critic_lr"} (ReMax: no critic)."""
+        lrs = {f"{name}_lr": engine.get_lr()[0] for name, engine in self.engines.items()}
+        if self.shared:
+            lrs["critic_lr"] = self.actor.get_lr()[1]  # the value head's group (`PolicyWithValueHead.param_groups`)
+        return lrs
+
     def _step(self, part: PackedBatch, advantages, returns, old_logprobs, old_values, weight: float,
               minibatch_tokens: float) -> dict[str, float]:
         """One micro-step of both engines. The loss is the micro-batch's token sum over the mini-batch's
@@ -240,9 +253,19 @@ class PPOLearner(PolicyWeights):
         scale_wrt_gas=False), x `weight` (0 for a placeholder): any cut of the mini-batch into ranks and
         micro-batches gives the gradient of its token mean. ppo.critic shared: one engine, one backward of
         policy loss + ppo.vf_coef x value loss (scaled alike). -> token sums of the diagnostics."""
-        mask = part.response_mask.to(self.device)
-        scale, norm = weight * self.world_size, minibatch_tokens
         _, logprobs, entropy, values = self._forward(part, with_values=False)
+        stats = self._actor_update(part, logprobs, entropy, values, advantages, returns, old_logprobs, old_values,
+                                   weight, minibatch_tokens)
+        if self.critic is not None:  # separate: the critic's own forward, backward and step
+            stats.update(self._critic_update(part, self._values(part).float(), returns, old_values, weight,
+                                             minibatch_tokens))
+        return stats
+
+    def _actor_update(self, part: PackedBatch, logprobs, entropy, values, advantages, returns, old_logprobs,
+                      old_values, weight: float, norm: float) -> dict[str, float]:
+        """Backward and step of the actor's engine from its forward's outputs (`_step`'s scaling); ppo.critic
+        shared: with the head's value loss in the same backward."""
+        mask, scale = part.response_mask.to(self.device), weight * self.world_size
         pg_loss, clipfrac, approx_kl = policy_loss(logprobs, old_logprobs.to(self.device),
                                                    advantages.to(self.device), mask, self.cfg.clip_eps, norm)
         entropy_sum = token_sum_over(entropy, mask, norm)
@@ -256,15 +279,58 @@ class PPOLearner(PolicyWeights):
         tokens = float(mask.sum()) * weight
         stats = {"policy_loss": pg_loss.item() * norm * weight, "entropy": entropy_sum.item() * norm * weight,
                  "clip_frac": clipfrac.item() * tokens, "approx_kl": approx_kl.item() * tokens, "tokens": tokens}
-        if self.critic is not None:  # separate: the critic's own forward, backward and step
-            values = self._values(part)
-            vf_loss, vf_clipfrac = value_loss(values.float(), old_values.to(self.device), returns.to(self.device),
-                                              mask, self.cfg.value_clip, norm)
-            self.critic.backward(vf_loss * scale, scale_wrt_gas=False)
-            self.critic.step()
-        elif not self.shared:
-            return stats  # ReMax: no value function
-        return {**stats, "value_loss": vf_loss.item() * norm * weight, "value_clip_frac": vf_clipfrac.item() * tokens}
+        if self.shared:
+            stats.update(value_loss=vf_loss.item() * norm * weight, value_clip_frac=vf_clipfrac.item() * tokens)
+        return stats
+
+    def _critic_update(self, part: PackedBatch, values, returns, old_values, weight: float,
+                       norm: float) -> dict[str, float]:
+        """Backward and step of the separate critic's engine from its forward's `values` [rows, R]."""
+        mask = part.response_mask.to(self.device)
+        vf_loss, vf_clipfrac = value_loss(values, old_values.to(self.device), returns.to(self.device), mask,
+                                          self.cfg.value_clip, norm)
+        self.critic.backward(vf_loss * weight * self.world_size, scale_wrt_gas=False)
+        self.critic.step()
+        return {"value_loss": vf_loss.item() * norm * weight,
+                "value_clip_frac": vf_clipfrac.item() * float(mask.sum()) * weight}
+
+    def train_in_one_pass(self, batch: RolloutBatch, pad_id: int, rewards: torch.Tensor, ref_logprobs: torch.Tensor,
+                          old_logprobs: torch.Tensor | None = None, baseline: torch.Tensor | None = None) -> dict:
+        """`train` with the evaluation folded in (ppo.fuse_evaluation; `self.fused`): the update is ONE
+        micro-step of this one rank over the whole batch, so its forwards run on the weights an evaluation
+        would. The old log-probs (None: the actor's forward's, detached) and the old values (the shared
+        head's, or the separate critic's forward's, detached; ReMax: zeros) come from those forwards, and so
+        do the advantages: `advantages_from_rollout`, or ReMax's with the greedy responses' total rewards
+        `baseline` [batch]. A separate critic's forward runs before the actor's backward, so both graphs
+        are held at once. Tensors [batch, R] (rewards penalised already). -> {"stats": `train`'s dict,
+        "old_logprobs", "values", and the advantage dict's tensors}."""
+        if not self.fused:
+            raise RuntimeError("train_in_one_pass: this learner's update is not one pass (rl.minibatches."
+                               "fuses_evaluation, or the policy has dropout): evaluate, then train")
+        start, cfg = time.perf_counter(), self.cfg
+        packed = pack(batch.prompt_ids, batch.response_ids, pad_id)
+        mask, lrs = packed.response_mask, self._lrs()
+        tokens = float(mask.sum())
+        for engine in self.engines.values():
+            engine.train()
+        _, logprobs, entropy, head_values = self._forward(packed, with_values=False)
+        if old_logprobs is None:
+            old_logprobs = logprobs.detach().float().cpu() * mask
+        critic_values = self._values(packed).float() if self.critic is not None else None  # [batch, R]
+        values = critic_values if critic_values is not None else head_values if self.shared else None
+        values = values.detach().float().cpu() * mask if values is not None else torch.zeros_like(mask)
+        common = dict(kl_coef=cfg.kl_coef, gamma=cfg.gamma, kl_estimator=cfg.kl_estimator, temperature=cfg.temperature)
+        adv = remax_advantages(rewards, baseline, old_logprobs, ref_logprobs, mask, **common) if baseline is not None \
+            else advantages_from_rollout(rewards, old_logprobs, ref_logprobs, values, mask, lam=cfg.lam,
+                                         whiten=cfg.whiten_advantages, **common)
+        stats = self._actor_update(packed, logprobs, entropy, head_values, adv["advantages"], adv["returns"],
+                                   old_logprobs, values, 1.0, tokens)
+        if critic_values is not None:
+            stats.update(self._critic_update(packed, critic_values, adv["returns"], values, 1.0, tokens))
+        n = max(stats.pop("tokens"), 1.0)
+        result = {**{key: value / n for key, value in stats.items()}, **lrs,
+                  "seconds": time.perf_counter() - start}
+        return {"stats": result, "old_logprobs": old_logprobs, "values": values, **adv}
 
     # ------------------------------------------------------------------ sync checks and checkpoints
     # (the weight streams and the HF export: `rl.learner_weights.PolicyWeights`)

@@ -55,6 +55,22 @@ def optimizer_steps_per_update(ppo_cfg, world_size: int = 1) -> int:
     return ppo_cfg.ppo_epochs * minibatches_per_epoch(ppo_cfg.prompts_per_step, ppo_cfg.mini_batch_size)
 
 
+def update_is_one_pass(ppo_cfg, world_size: int) -> bool:
+    """Whether one PPO update (a batch of ppo.prompts_per_step rows) is a single micro-step on a single rank:
+    1 epoch, 1 mini-batch, 1 micro-batch. Its forward then runs on the weights an evaluation before it
+    would see (ppo.fuse_evaluation)."""
+    rows = ppo_cfg.prompts_per_step
+    return (world_size == 1 and ppo_cfg.ppo_epochs == 1 and minibatches_per_epoch(rows, ppo_cfg.mini_batch_size) == 1
+            and micro_rows(ppo_cfg, 1) >= rows)
+
+
+def fuses_evaluation(ppo_cfg, world_size: int) -> bool:
+    """ppo.fuse_evaluation auto on a one-pass update (`update_is_one_pass`) whose KL needs no reference
+    logits (kl_estimator full evaluates both policies' logits together); dropout is the learner's check."""
+    return (ppo_cfg.fuse_evaluation == "auto" and ppo_cfg.kl_estimator != "full"
+            and update_is_one_pass(ppo_cfg, world_size))
+
+
 def rank_schedule(batch_size: int, mini_batch_size: int, micro_batch_size: int, world_size: int, rank: int,
                   epochs: int, seed: int) -> list[list[MicroStep]]:
     """This rank's micro-steps, grouped by mini-batch (one optimizer step per group; module docstring)."""
