@@ -18,6 +18,7 @@ from actors.reward import RewardScorer
 from actors.rollout import Rollout
 from tlcr_ray.config import Config
 from tlcr_ray.placement import ActorSlot, ppo_placement
+from tlcr_ray.rl.minibatches import fuses_evaluation
 from tlcr_ray.rl.rollout import engine_kwargs_of, resolve_backend
 from tlcr_ray.oom import TEST_OOM_ENV
 from tlcr_ray.rl.weight_sync import shares_learner_gpu, weight_sync_method
@@ -129,19 +130,22 @@ def group_env(ppo, group: str) -> dict[str, str]:
     """The environment a group's actors start with: its OpenMP wait policy and, with ppo.<group>.threads,
     its thread count (over ppo.threads_per_actor)."""
     threads = getattr(ppo, group).threads
-    return {**wait_policy(group), **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    return {**wait_policy(ppo, group), **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
 
 
-def wait_policy(group: str) -> dict[str, str]:
+def wait_policy(ppo, group: str) -> dict[str, str]:
     """OpenMP's wait policy of a group's actors: an OMP_WAIT_POLICY in the environment, else PASSIVE (idle
     threads sleep at once) for the groups whose forwards run side by side on the same cores (reward,
-    reference and learner: a co-tenant's spinning threads slowed the busy one about 4x on a loaded 2-core
-    machine), and OpenMP's own default (spin briefly, then sleep) for the rollout, which generates alone:
-    decoding runs thousands of short parallel regions per token, each paying PASSIVE's wake-up, and
-    generate ran 1.27x slower under it (SmolLM2-135M, 64 tokens, 2 cores: 9.8 s vs 7.7 s)."""
+    reference, and the learner's evaluation: a co-tenant's spinning threads slowed the busy one about 4x
+    on a loaded 2-core machine), and OpenMP's own default (spin briefly, then sleep) for the groups that
+    compute alone: the rollout, whose decoding runs thousands of short parallel regions per token, each
+    paying PASSIVE's wake-up (generate ran 1.27x slower under it: SmolLM2-135M, 64 tokens, 2 cores, 9.8 s
+    vs 7.7 s), and the learner when it evaluates nothing (ppo.fuse_evaluation on a one-pass update;
+    forward+backward+AdamW of SmolLM2-135M ran ~1.1x faster without PASSIVE)."""
     if "OMP_WAIT_POLICY" in os.environ:
         return {"OMP_WAIT_POLICY": os.environ["OMP_WAIT_POLICY"]}
-    return {} if group == "rollout" else {"OMP_WAIT_POLICY": "PASSIVE"}
+    alone = group == "rollout" or (group == "learner" and fuses_evaluation(ppo, ppo.learner.num_actors))
+    return {} if alone else {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def get_all(refs: list) -> list:

@@ -56,17 +56,22 @@ def test_the_plan_counts_the_engines_own_bytes():
     assert bf16["inputs"]["dtype"] == "bfloat16" and fp32["inputs"]["dtype"] == "float32"
 
 
-@pytest.mark.parametrize("group, expected", [("rollout", {}), ("learner", {"OMP_WAIT_POLICY": "PASSIVE"}),
-                                             ("reward", {"OMP_WAIT_POLICY": "PASSIVE"}),
-                                             ("reference", {"OMP_WAIT_POLICY": "PASSIVE"})])
-def test_only_the_rollout_keeps_openmps_own_wait_policy(monkeypatch, group, expected):
+@pytest.mark.parametrize("group, fields, expected", [
+    ("rollout", {}, {}), ("reward", {}, {"OMP_WAIT_POLICY": "PASSIVE"}),
+    ("reference", {}, {"OMP_WAIT_POLICY": "PASSIVE"}),
+    ("learner", {}, {}),  # a one-pass update evaluates nothing beside the scorers
+    ("learner", {"fuse_evaluation": "off"}, {"OMP_WAIT_POLICY": "PASSIVE"}),
+    ("learner", {"ppo_epochs": 2}, {"OMP_WAIT_POLICY": "PASSIVE"})])
+def test_the_groups_that_compute_alone_keep_openmps_own_wait_policy(monkeypatch, group, fields, expected):
     pytest.importorskip("ray")
     from actors.groups import wait_policy
+    from tlcr_ray.config import PPOConfig
 
+    ppo = PPOConfig(**{"prompts_per_step": 4, "mini_batch_size": 4, "ppo_epochs": 1, **fields})
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    assert wait_policy(group) == expected
+    assert wait_policy(ppo, group) == expected
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice applies to every group
-    assert wait_policy(group) == {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert wait_policy(ppo, group) == {"OMP_WAIT_POLICY": "ACTIVE"}
 
 
 def test_a_groups_own_thread_count_overrides_threads_per_actor(monkeypatch):
