@@ -62,6 +62,7 @@ from tlcr_ray.layout import POLICY_STAGES
 from tlcr_ray.methods import METHODS
 from tlcr_ray.plan_checkpoints import checkpoint_sizes, format_checkpoints
 from tlcr_ray.plan_models import ModelShape, gpu_bytes, host_memory, local_cuda_memory, model_shape
+from tlcr_ray.rl.minibatches import fuses_evaluation
 
 GIB = 2**30
 DS_DEFAULTS = {"reduce_bucket_size": int(5e8), "allgather_bucket_size": int(5e8), "prefetch_bucket_size": int(5e7),
@@ -204,7 +205,10 @@ def plan_learner(cfg, m: ModelShape, checkpointing: bool = False) -> dict:
     host_copy = {"shm": flat_bucket, "nccl": 0, "cuda_ipc": 0}.get(sync, clone)
     on_device = {"nccl": SYNC_BUFFERS, "cuda_ipc": flat_bucket}.get(sync, 0) if on_gpu else host_copy
     sync_device = gathered + on_device
-    phases = {"train": base + max(_train_extra(actor, z, act_actor), _train_extra(critic, z, act_critic)),
+    # ppo.fuse_evaluation on a one-pass update: the critic's forward runs before the actor's backward, so
+    # its saved activations are alive through it (`PPOLearner.train_in_one_pass`).
+    held_critic = act_critic if fuses_evaluation(ppo, n) else 0
+    phases = {"train": base + max(_train_extra(actor, z, act_actor) + held_critic, _train_extra(critic, z, act_critic)),
               "step": base + max(_step_extra(actor, z), _step_extra(critic, z)),
               "evaluate": base + actor["gathered"] + actor["prefetch"] + act_eval + (ref_weights - ref_idle),
               "sync": base + sync_device}

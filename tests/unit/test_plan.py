@@ -239,6 +239,17 @@ def test_gradient_checkpointing_and_micro_batches_shrink_the_learners_activation
     assert learner(("ppo.forward_micro_batch_size", 64))["phases"]["evaluate"] > base["phases"]["evaluate"]
 
 
+def test_a_one_pass_update_holds_the_critics_activations_through_the_actors_backward():
+    cfg = load_config(REPO / "configs" / "demo.yaml")  # one rank, 1 epoch x 1 mini-batch: fused
+    learner = lambda *sets: plan(_set(cfg, dict(sets)), gpu_bytes("a100-80gb"), host_memory_bytes=24 * GIB,  # noqa
+                                 groups=("ppo.learner",), knobs=False)["groups"]["ppo.learner"]
+    fused, off = learner(), learner(("ppo.fuse_evaluation", "off"))
+    assert fused["phases"]["train"] > off["phases"]["train"]
+    assert fused["phases"]["evaluate"] == off["phases"]["evaluate"]
+    shared = (("ppo.critic", "shared"),)  # one graph: nothing more is held
+    assert learner(*shared)["phases"]["train"] == learner(*shared, ("ppo.fuse_evaluation", "off"))["phases"]["train"]
+
+
 def test_full_kl_puts_a_reference_copy_on_the_learner_and_offload_moves_states_to_host():
     cfg = load_config(REPO / "configs" / "a100-7b.yaml")
     groups = lambda *sets: plan(_set(cfg, dict(sets)), gpu_bytes("a100-80gb"), knobs=False)["groups"]  # noqa
