@@ -19,9 +19,10 @@ with each system's seconds per stage (TRL's timed by wrapping its generate / for
 Same work per step: sampling at temperature 1 without top-p/top-k (TRL hard-codes top_k=0, top_p=1.0), 1 PPO
 epoch of 1 minibatch, policy + value updates, reference and reward forwards, KL-shaped rewards, GAE.
 Ours also recomputes the old log-probs with the learner (TRL reads them off generation; `--old-logprobs
-rollout` does the same) and syncs the weights into the rollout actor. Our actors run with
-OMP_WAIT_POLICY=PASSIVE except the rollout (`actors.groups.wait_policy`); TRL runs in a fresh process per `--trl-wait-policies` value (default: OpenMP's own) and the figure
-divides by the fastest.
+rollout` does the same; `--fuse-evaluation auto`, the default, takes them from the update's own forward)
+and syncs the weights into the rollout actor. Our actors' OpenMP wait policies are `actors.groups.wait_policy`'s
+(recorded in the row); TRL runs in a fresh process per `--trl-wait-policies` value (default: OpenMP's own)
+and the figure divides by the fastest.
 """
 from __future__ import annotations
 
@@ -165,8 +166,9 @@ def trl_in_fresh_process(omp_wait_policy: str | None, *args) -> dict:
 
 def versus_trl(steps: int, work: Path, model: str, rollout_backend: str, wait_policies: list[str],
                zero_stage: int | None = None, rollout_dtype: str = "auto", scorer_threads: int = 0,
-               old_logprobs: str = "learner", critic: str = "separate", batch: int = 8,
+               old_logprobs: str = "learner", critic: str = "separate", fuse_evaluation: str = "auto", batch: int = 8,
                response_len: int = 64) -> None:
+    from actors.groups import wait_policy
     from tlcr_ray.config import load_config, rollout_dtype as rollout_dtype_of
     from tlcr_ray.data.pairs import load_split
     from tlcr_ray.data.tokens import encode_prompts
@@ -190,7 +192,7 @@ def versus_trl(steps: int, work: Path, model: str, rollout_backend: str, wait_po
         "ppo.learner.num_actors=1", "ppo.learner.num_cpus=1", "ppo.resume=never", f"ppo.checkpoint_every={steps + 10}",
         f"ppo.threads_per_actor={os.cpu_count()}",  # stages run one at a time; TRL's one process uses every core too
         f"ppo.reward.threads={scorer_threads}", f"ppo.reference.threads={scorer_threads}",
-        f"ppo.old_logprobs={old_logprobs}", f"ppo.critic={critic}",
+        f"ppo.old_logprobs={old_logprobs}", f"ppo.critic={critic}", f"ppo.fuse_evaluation={fuse_evaluation}",
         "data.max_pairs=64"])
     _ensure_models(cfg, work)
     load = [os.getloadavg()[0]]
@@ -215,11 +217,15 @@ def versus_trl(steps: int, work: Path, model: str, rollout_backend: str, wait_po
            f"{model_name}, {rollout_backend} rollout, batch {batch}, response {response_len} tokens, prompts <= "
            f"{cfg.model.max_prompt_len}, T=1 no top-p, 1 epoch x 1 minibatch, {steps} timed steps each; ours "
            f"{ours:.3f} samples/s (Ray: {rollout_backend} rollout + reward + reference + 1 DeepSpeed learner, ZeRO "
-           f"{cfg.ppo.zero_stage}, rollout dtype {rollout_dtype_of(cfg)}, old log-probs from the {old_logprobs}, {critic} critic, {cfg.ppo.threads_per_actor} threads each"
+           f"{cfg.ppo.zero_stage}, rollout dtype {rollout_dtype_of(cfg)}, old log-probs from the {old_logprobs}, {critic} critic, fuse_evaluation {fuse_evaluation}, "
+           f"{cfg.ppo.threads_per_actor} threads each"
            f"{f' (reward, reference {scorer_threads})' if scorer_threads else ''}; per step "
            + " + ".join(f"{k} {v:.2f}s" for k, v in stages.items())
            + "; inside the actors " + ", ".join(f"{k} {v:.2f}s" for k, v in inner.items())
-           + f"; sync check every {cfg.ppo.sync_check_every} steps; OMP_WAIT_POLICY PASSIVE but the rollout's), TRL {theirs:.3f} "
+           + f"; sync check every {cfg.ppo.sync_check_every} steps; OMP_WAIT_POLICY "
+           + ", ".join(f"{g} {wait_policy(cfg.ppo, g).get('OMP_WAIT_POLICY', 'default')}"
+                       for g in ("rollout", "reward", "reference", "learner"))
+           + f"), TRL {theirs:.3f} "
            "samples/s (use_cpu, one process; per step "
            + " + ".join(f"{k} {v:.2f}s" for k, v in trl[best]["stages"].items())
            + "; OMP_WAIT_POLICY " + ", ".join(f"{k} {v['samples_per_s']:.3f}" for k, v in trl.items())
@@ -245,6 +251,9 @@ def main() -> None:
                         help="trl part: ppo.critic (shared: a value head on the policy, one forward/backward)")
     parser.add_argument("--old-logprobs", choices=["learner", "rollout"], default="learner",
                         help="trl part: ppo.old_logprobs (rollout: the HF engine's sampling log-probs, as TRL reads them)")
+    parser.add_argument("--fuse-evaluation", choices=["auto", "off"], default="auto",
+                        help="trl part: ppo.fuse_evaluation (auto: the one-pass update's forward gives the old "
+                             "log-probs and values; off: the learner evaluates first)")
     parser.add_argument("--rollout-dtype", default="auto",
                         help="trl part: our ppo.rollout_dtype (auto: model.dtype, fp32; bfloat16: the engines "
                              "sample from the bf16-rounded policy, the learner stays fp32)")
@@ -257,7 +266,8 @@ def main() -> None:
             breakdown(args.config, args.steps, Path(tmp))
         if args.part in ("trl", "all"):
             versus_trl(args.steps, Path(tmp), args.model, args.rollout_backend, args.trl_wait_policies,
-                       args.zero_stage, args.rollout_dtype, args.scorer_threads, args.old_logprobs, args.critic)
+                       args.zero_stage, args.rollout_dtype, args.scorer_threads, args.old_logprobs, args.critic,
+                       args.fuse_evaluation)
 
 
 if __name__ == "__main__":
