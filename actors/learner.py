@@ -54,18 +54,20 @@ class LearnerWorker:
 
     def train(self, batch: RolloutBatch, pad_id: int, advantages: torch.Tensor, returns: torch.Tensor,
               old_logprobs: torch.Tensor, old_values: torch.Tensor) -> dict:
-        self.train_calls += 1
-        maybe_inject_oom("ppo.learner", self.train_calls)  # TLCR_TEST_OOM, a test hook (tlcr_ray.oom)
+        self._count_update()
         return self.learner.train(batch, pad_id, advantages, returns, old_logprobs, old_values)
 
     def train_in_one_pass(self, batch: RolloutBatch, pad_id: int, rewards: torch.Tensor, ref_logprobs: torch.Tensor,
                           old_logprobs: torch.Tensor | None, baseline: torch.Tensor | None) -> dict:
-        self.train_calls += 1
-        maybe_inject_oom("ppo.learner", self.train_calls)
+        self._count_update()
         return self.learner.train_in_one_pass(batch, pad_id, rewards, ref_logprobs, old_logprobs, baseline)
 
     def fuses_evaluation(self) -> bool:
         return self.learner.fused
+
+    def _count_update(self) -> None:
+        self.train_calls += 1
+        maybe_inject_oom("ppo.learner", self.train_calls)  # TLCR_TEST_OOM, a test hook (tlcr_ray.oom)
 
     def full_state_dict(self) -> dict | None:
         return self.learner.full_state_dict()

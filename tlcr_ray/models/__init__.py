@@ -31,5 +31,5 @@ from tlcr_ray.models.loading import (
 __all__ = ["EMBEDDED_PREFIX", "cache_dir", "embedded_gguf_path", "embedded_model_dir", "embedded_tokenizer_dir",
            "resolve_model", "HEAD_KINDS", "SequenceRewardModel", "TokenDiscriminator", "ValueModel",
            "load_head_model", "load_value_model", "save_head_model", "DTYPES", "enable_gradient_checkpointing",
-           "has_active_dropout",            "load_policy", "micro_batched", "resident", "row_slices", "load_tokenizer",
+           "has_active_dropout", "load_policy", "micro_batched", "resident", "row_slices", "load_tokenizer",
            "position_ids", "torch_dtype", "vocabulary_mismatch"]
