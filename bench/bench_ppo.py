@@ -172,6 +172,7 @@ def versus_trl(steps: int, work: Path, model: str, rollout_backend: str, wait_po
     from tlcr_ray.config import load_config, rollout_dtype as rollout_dtype_of
     from tlcr_ray.data.pairs import load_split
     from tlcr_ray.data.tokens import encode_prompts
+    from tlcr_ray.local_ray import worker_malloc_env
     from tlcr_ray.models import embedded_model_dir, embedded_tokenizer_dir, load_tokenizer
     from tlcr_ray.testing.tiny_model import build_tiny_llama
 
@@ -222,7 +223,9 @@ def versus_trl(steps: int, work: Path, model: str, rollout_backend: str, wait_po
            f"{f' (reward, reference {scorer_threads})' if scorer_threads else ''}; per step "
            + " + ".join(f"{k} {v:.2f}s" for k, v in stages.items())
            + "; inside the actors " + ", ".join(f"{k} {v:.2f}s" for k, v in inner.items())
-           + f"; sync check every {cfg.ppo.sync_check_every} steps; OMP_WAIT_POLICY "
+           + f"; sync check every {cfg.ppo.sync_check_every} steps; workers' malloc "
+           + (" ".join(f"{k}={v}" for k, v in worker_malloc_env().items()) or "glibc default")
+           + "; OMP_WAIT_POLICY "
            + ", ".join(f"{g} {wait_policy(cfg.ppo, g).get('OMP_WAIT_POLICY', 'default')}"
                        for g in ("rollout", "reward", "reference", "learner"))
            + f"), TRL {theirs:.3f} "
