@@ -89,6 +89,7 @@ def ensure_ray(num_cpus: int | None = None, env_vars: dict[str, str] | None = No
     if (address := os.environ.get("RAY_ADDRESS")) and address != "local":
         ray.init(address=address, log_to_driver=False)
         return False
+    malloc_env = worker_malloc_env()  # a bad TLCR_MALLOC fails here, before anything is started
     _private_token_file()
     if _handler is not None and sys.platform.startswith("linux"):
         # A CLI run (inside stop_on_signals): orphans of a dying raylet re-parent to us, not to init,
@@ -107,7 +108,7 @@ def ensure_ray(num_cpus: int | None = None, env_vars: dict[str, str] | None = No
         # Workers import actors/ and serve/ from this checkout even when the package is not installed.
         ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=False, num_cpus=num_cpus,
                  num_gpus=num_gpus, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), **worker_malloc_env(), **(env_vars or {})}})
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), **malloc_env, **(env_vars or {})}})
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved
         if _handler is not None:  # ray.init() set SIGTERM to sys.exit and Ray's core worker put its crash

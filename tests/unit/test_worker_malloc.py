@@ -1,4 +1,5 @@
 """TLCR_MALLOC: the glibc settings a local Ray's workers start with (`tlcr_ray.local_ray.worker_malloc_env`)."""
+import os
 import platform
 
 import pytest
@@ -8,7 +9,7 @@ from tlcr_ray.local_ray import RETAIN_HEAP_ENV, worker_malloc_env
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
-    for name in ["TLCR_MALLOC", "GLIBC_TUNABLES", *[n for n in __import__("os").environ if n.startswith("MALLOC_")]]:
+    for name in ["TLCR_MALLOC", "GLIBC_TUNABLES", *[n for n in os.environ if n.startswith("MALLOC_")]]:
         monkeypatch.delenv(name, raising=False)
 
 
