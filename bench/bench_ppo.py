@@ -21,8 +21,9 @@ epoch of 1 minibatch, policy + value updates, reference and reward forwards, KL-
 Ours also recomputes the old log-probs with the learner (TRL reads them off generation; `--old-logprobs
 rollout` does the same; `--fuse-evaluation auto`, the default, takes them from the update's own forward)
 and syncs the weights into the rollout actor. Our actors' OpenMP wait policies are `actors.groups.wait_policy`'s
-(recorded in the row); TRL runs in a fresh process per `--trl-wait-policies` value (default: OpenMP's own)
-and the figure divides by the fastest.
+(recorded in the row), their malloc TLCR_MALLOC's (`tlcr_ray.local_ray.worker_malloc_env`); TRL runs in a
+fresh process per pair of `--trl-wait-policies` (default: OpenMP's own) and `--trl-malloc` (default: glibc's
+own; `retain`: the settings TLCR_MALLOC=retain gives our workers) values, and the figure divides by the fastest.
 """
 from __future__ import annotations
 
@@ -146,25 +147,34 @@ def trl_samples_per_s(model_dir: str, prompts: list[list[int]], response_len: in
     return {"samples_per_s": batch * (len(stamps) - 1) / (stamps[-1] - stamps[0]), "stages": stages}
 
 
-def trl_in_fresh_process(omp_wait_policy: str | None, *args) -> dict:
-    """`trl_samples_per_s(*args)` in a spawned process: OpenMP reads OMP_WAIT_POLICY once, at start-up
-    (None: OpenMP's default, spin a while then sleep)."""
+def trl_in_fresh_process(env: dict[str, str], *args) -> dict:
+    """`trl_samples_per_s(*args)` in a spawned process started with `env` added to this environment: OpenMP
+    reads OMP_WAIT_POLICY and glibc its MALLOC_* settings once, at process start-up."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    saved = os.environ.pop("OMP_WAIT_POLICY", None)
-    if omp_wait_policy is not None:
-        os.environ["OMP_WAIT_POLICY"] = omp_wait_policy
+    saved = {name: os.environ.pop(name, None) for name in env}
+    os.environ.update(env)
     try:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             return pool.submit(trl_samples_per_s, *args).result()
     finally:
-        os.environ.pop("OMP_WAIT_POLICY", None)
-        if saved is not None:
-            os.environ["OMP_WAIT_POLICY"] = saved
+        for name, value in saved.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
 
 
-def versus_trl(steps: int, work: Path, model: str, rollout_backend: str, wait_policies: list[str],
+def trl_env(wait_policy: str, malloc: str) -> dict[str, str]:
+    """The environment of one TRL run: OMP_WAIT_POLICY (`default`: OpenMP's own, spin a while then sleep)
+    and glibc malloc (`default`: glibc's own; `retain`: the heap settings TLCR_MALLOC=retain gives our workers)."""
+    from tlcr_ray.local_ray import RETAIN_HEAP_ENV
+
+    return {**({} if wait_policy == "default" else {"OMP_WAIT_POLICY": wait_policy}),
+            **(RETAIN_HEAP_ENV if malloc == "retain" else {})}
+
+
+def versus_trl(steps: int, work: Path, model: str, rollout_backend: str, wait_policies: list[str], mallocs: list[str],
                zero_stage: int | None = None, rollout_dtype: str = "auto", scorer_threads: int = 0,
                old_logprobs: str = "learner", critic: str = "separate", fuse_evaluation: str = "auto", batch: int = 8,
                response_len: int = 64) -> None:
@@ -202,8 +212,9 @@ def versus_trl(steps: int, work: Path, model: str, rollout_backend: str, wait_po
     pairs, _ = load_split(cfg.data, "rl")
     prompts = encode_prompts(load_tokenizer(model_dir), [p.prompt for p in pairs[:batch]], cfg.model.max_prompt_len)
     load.append(os.getloadavg()[0])
-    trl = {policy: trl_in_fresh_process(None if policy == "default" else policy, model_dir, prompts,
-                                        response_len, steps) for policy in wait_policies}
+    trl = {f"{policy} / malloc {malloc}": trl_in_fresh_process(trl_env(policy, malloc), model_dir, prompts,
+                                                                 response_len, steps)
+           for policy in wait_policies for malloc in mallocs}
     best = max(trl, key=lambda k: trl[k]["samples_per_s"])
     theirs = trl[best]["samples_per_s"]
     load.append(os.getloadavg()[0])
@@ -231,7 +242,8 @@ def versus_trl(steps: int, work: Path, model: str, rollout_backend: str, wait_po
            + f"), TRL {theirs:.3f} "
            "samples/s (use_cpu, one process; per step "
            + " + ".join(f"{k} {v:.2f}s" for k, v in trl[best]["stages"].items())
-           + "; OMP_WAIT_POLICY " + ", ".join(f"{k} {v['samples_per_s']:.3f}" for k, v in trl.items())
+           + f"; fastest of OMP_WAIT_POLICY / malloc: {best}; "
+           + ", ".join(f"{k} {v['samples_per_s']:.3f}" for k, v in trl.items())
            + "); 1-min load avg " + "/".join(f"{x:.1f}" for x in load) + " (shared machine: run one after the other)")
 
 
@@ -244,7 +256,10 @@ def main() -> None:
                         help="trl part: an HF causal-LM folder, `embedded` (SmolLM2-135M, default) or `tiny`")
     parser.add_argument("--rollout-backend", choices=["hf", "vllm"], default="hf", help="trl part: our rollout")
     parser.add_argument("--trl-wait-policies", nargs="+", default=["default"], choices=["default", "PASSIVE"],
-                        help="trl part: OMP_WAIT_POLICY values TRL runs under (the faster counts)")
+                        help="trl part: OMP_WAIT_POLICY values TRL runs under (the fastest run counts)")
+    parser.add_argument("--trl-malloc", nargs="+", default=["default"], choices=["default", "retain"],
+                        help="trl part: glibc malloc settings TRL runs under (retain: TLCR_MALLOC=retain's; "
+                             "every wait policy x malloc pair is one fresh process, the fastest counts)")
     parser.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=0,
                         help="trl part: our learner's ppo.zero_stage (default 0: one learner rank partitions "
                              "nothing, as in configs/demo.yaml)")
@@ -269,7 +284,7 @@ def main() -> None:
             breakdown(args.config, args.steps, Path(tmp))
         if args.part in ("trl", "all"):
             versus_trl(args.steps, Path(tmp), args.model, args.rollout_backend, args.trl_wait_policies,
-                       args.zero_stage, args.rollout_dtype, args.scorer_threads, args.old_logprobs, args.critic,
+                       args.trl_malloc, args.zero_stage, args.rollout_dtype, args.scorer_threads, args.old_logprobs, args.critic,
                        args.fuse_evaluation)
 
 
