@@ -115,6 +115,8 @@ class ActorGroups:
                 "learner": self.learners.workers if self.learners else []}
 
     def shutdown(self) -> None:
+        if self.learners:  # a killed learner keeps its reused /dev/shm bucket until the next sync sweeps it
+            ray.wait(self.learners.release_shm_files(), num_returns=len(self.learners.workers), timeout=10)
         for group in self.actors().values():
             for actor in group:
                 ray.kill(actor, no_restart=True)

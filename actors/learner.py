@@ -84,16 +84,20 @@ class LearnerWorker:
 
     def push_weights(self, kind: str, rollouts: list) -> dict:
         """ppo.weight_sync shm | cuda_ipc: rank 0 hands each bucket to every rollout actor and waits for all
-        their acks before the next (`PPOLearner.push_weights`); -> {"seconds", "load_seconds" (rank 0: the
+        their acks before the next (`PPOLearner.push_weights`; into one reused file when every engine copies on
+        load); -> {"seconds", "load_seconds" (rank 0: the
         slowest engine's loading time)}. Every rank is called (collective under ZeRO-3)."""
-        load_seconds = 0.0
+        load_seconds, copies = 0.0, False
         if self.learner.rank == 0:
-            ray.get([r.begin_weight_load.remote() for r in rollouts])
+            copies = all(ray.get([r.begin_weight_load.remote() for r in rollouts]))
         seconds = self.learner.push_weights(kind, lambda handle: ray.get(
-            [r.load_weight_handle.remote(handle) for r in rollouts]))
+            [r.load_weight_handle.remote(handle) for r in rollouts]), reuse_file=copies)
         if self.learner.rank == 0:
             load_seconds = max(ray.get([r.finish_weight_load.remote() for r in rollouts]))
         return {"seconds": seconds, "load_seconds": load_seconds}
+
+    def release_shm_file(self) -> None:
+        self.learner.release_shm_file()
 
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> list[list[float]]:
         return self.learner.score(prompt_ids, response_ids, pad_id)
@@ -176,6 +180,10 @@ class LearnerGroup:
     def push_weights(self, kind: str, rollouts: list) -> list:
         """ppo.weight_sync shm | cuda_ipc: rank 0 delivers to `rollouts` itself; -> one ref per rank."""
         return [w.push_weights.remote(kind, rollouts) for w in self.workers]
+
+    def release_shm_files(self) -> list:
+        """Each rank unlinks its reused bucket file (ppo.weight_sync shm into HF engines), if it made one."""
+        return [w.release_shm_file.remote() for w in self.workers]
 
     def placement_info(self) -> list[tuple[str, list[str]]]:
         """(node id, GPU ids) of every rank, in rank order."""

@@ -39,9 +39,11 @@ class Rollout(ActorBase):
         return time.perf_counter() - start
 
     # ppo.weight_sync shm | cuda_ipc: the learner's rank 0 calls these itself, one bucket handle at a time.
-    def begin_weight_load(self) -> None:
+    def begin_weight_load(self) -> bool:
+        """-> the engine's `copies_on_load` (True: the learner may reuse one bucket file)."""
         self.engine.begin_weight_load()
         self.handover_seconds = 0.0
+        return self.engine.copies_on_load
 
     def load_weight_handle(self, handle: dict) -> None:
         """Returning is the ack: the learner frees the bucket once every engine has answered."""

@@ -6,7 +6,8 @@ Real actors on a local Ray (127.0.0.1): one `LearnerWorker` (DeepSpeed ZeRO-2, R
 built, fp32) and --rollouts HF `Rollout` actors, all on this node. Each method syncs --repeats times, as
 `PPOLoop.sync_weights` issues it: `object_store` (rank 0 puts every bucket in the store, the engines
 fetch and load them) and `shm` (rank 0 writes each bucket once into /dev/shm and hands the engines its
-handle, freeing it on their ack). Per method: the median sync wall time, the RSS high-water rise of the
+handle; HF engines copy on load, so one file carries every bucket of every sync and stays mapped on both
+sides: the first sync faults its pages in, the later ones reuse them). Per method: the median sync wall time, the RSS high-water rise of the
 learner and of rollout 0 over the syncs (VmHWM after a reset through /proc/<pid>/clear_refs; the store's
 and /dev/shm's pages count where a process maps them), and the peak rise of /dev/shm use (where Ray's
 object store and the shm buckets live) sampled every 5 ms. shm runs first: the object store keeps what it
@@ -70,6 +71,14 @@ class ShmPeak:
         self._thread.join()
 
 
+def _kept_files(pid: int) -> int:
+    """Bytes of the bucket files the learner keeps in /dev/shm between syncs (HF engines: one reused file)."""
+    from tlcr_ray.rl.handover import SHM_PREFIX, shm_dir
+
+    return sum(os.path.getsize(os.path.join(shm_dir(), f)) for f in os.listdir(shm_dir())
+               if f.startswith(f"{SHM_PREFIX}{pid}-"))
+
+
 def sync_once(method: str, learners, rollouts) -> float:
     """One sync as `PPOLoop.sync_weights` issues it -> wall seconds."""
     from actors.groups import get_all
@@ -120,7 +129,7 @@ def main() -> None:
 
     results = {}
     for method in ("shm", "object_store"):
-        sync_once(method, learners, rollouts)  # warm-up: first-call costs (imports, store growth) not timed
+        first = sync_once(method, learners, rollouts)  # warm-up: first-call costs (imports, store growth, shm's file)
         base = {pid: _rss(pid) for pid in (learner_pid, rollout_pid)}
         for pid in base:
             _reset_hwm(pid)
@@ -129,7 +138,8 @@ def main() -> None:
         results[method] = {"seconds": statistics.median(seconds),
                            "learner_rise": _hwm(learner_pid) - base[learner_pid],
                            "rollout_rise": _hwm(rollout_pid) - base[rollout_pid],
-                           "shm_rise": shm.peak - shm.base}
+                           "shm_rise": shm.peak - shm.base, "first": first,
+                           "kept_file": _kept_files(learner_pid)}
         print(method, results[method], flush=True)
 
     learner_state = get_all(learners.full_state_dict())[0]
@@ -142,7 +152,9 @@ def main() -> None:
     details = (f"{args.model} ({model_bytes / MIB:.0f} MiB fp32, tied lm_head sent too), bucket {args.bucket_mib:g} MiB, "
                f"{args.rollouts} HF rollout(s) on the learner's node, 1 LearnerWorker (DeepSpeed ZeRO-2, CPU), "
                f"median of {args.repeats} after a warm-up; object_store {old['seconds']:.2f} s vs shm "
-               f"{new['seconds']:.2f} s; RSS high-water rise learner {old['learner_rise'] / MIB:.0f} vs "
+               f"{new['seconds']:.2f} s (the warm-up sync {old['first']:.2f} vs {new['first']:.2f} s); shm keeps "
+               f"{new['kept_file'] / MIB:.0f} MiB of /dev/shm between syncs (one reused bucket file, mapped by the "
+               f"learner and the engines since the warm-up, so not in the rises); RSS high-water rise learner {old['learner_rise'] / MIB:.0f} vs "
                f"{new['learner_rise'] / MIB:.0f} MiB, rollout {old['rollout_rise'] / MIB:.0f} vs "
                f"{new['rollout_rise'] / MIB:.0f} MiB; /dev/shm peak rise {old['shm_rise'] / MIB:.0f} vs "
                f"{new['shm_rise'] / MIB:.0f} MiB; engines equal to the learner after; shared 2-core machine, "

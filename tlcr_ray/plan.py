@@ -41,7 +41,8 @@ elements, 1 GiB CUDA context + NCCL per GPU process (0.5 GiB interpreter per CPU
 weight sync, streamed (`tlcr_ray.training.gather`): ZeRO-3 gathers one bucket of ppo.bucket_mib (or
 the largest parameter) at a time on every rank, min(e·P, bucket + e·V·h), which rank 0 packs into
 2 x 1 GiB NCCL broadcast buffers (CUDA + vLLM), every rank into a flat GPU bucket (cuda_ipc), one
-/dev/shm bucket (shm), or copies to host for the object store (which then holds e·P: the bound planned
+/dev/shm bucket (shm; into HF engines, which copy on load, one file kept for the run, so every phase of a
+CPU learner holds it), or copies to host for the object store (which then holds e·P: the bound planned
 for auto off a colocated GPU); checkpoints and HF exports stream the same way.
 vLLM takes vllm_memory_utilization x the GPU (weights/TP, ~2 GiB activations/graphs, KV cache the
 rest) or weights + vllm_kv_cache_gib + 2 GiB, and +2 GiB of NCCL receive buffers during a sync.
@@ -203,7 +204,12 @@ def plan_learner(cfg, m: ModelShape, checkpointing: bool = False) -> dict:
     sync = planned_weight_sync(cfg, on_gpu)
     flat_bucket = min(clone, int(ppo.bucket_mib * 2**20) + largest_param)
     host_copy = {"shm": flat_bucket, "nccl": 0, "cuda_ipc": 0}.get(sync, clone)
-    on_device = {"nccl": SYNC_BUFFERS, "cuda_ipc": flat_bucket}.get(sync, 0) if on_gpu else host_copy
+    # shm into HF engines (they copy on load) keeps its one bucket file for the whole run (`handover.ReusedShm`):
+    # every phase holds it, the sync no more. Under auto, shm is what one node takes (the store, the bound here).
+    may_shm = sync == "shm" or (getattr(ppo, "weight_sync", "auto") == "auto" and sync == "object_store")
+    kept_file = flat_bucket if may_shm and not on_gpu and _backend(cfg) == "hf" else 0
+    base += kept_file
+    on_device = {"nccl": SYNC_BUFFERS, "cuda_ipc": flat_bucket}.get(sync, 0) if on_gpu else host_copy - kept_file
     sync_device = gathered + on_device
     # ppo.fuse_evaluation on a one-pass update: the critic's forward runs before the actor's backward, so
     # its saved activations are alive through it (`PPOLearner.train_in_one_pass`).
@@ -214,12 +220,12 @@ def plan_learner(cfg, m: ModelShape, checkpointing: bool = False) -> dict:
               "sync": base + sync_device}
     states = model_states(actor) + model_states(critic) - critic["gathered"] + ref_weights  # one gathers at a time
     buffers = (CUDA_CONTEXT if on_gpu else CPU_PROCESS) + max(actor["bucket"], critic["bucket"]) \
-        + actor["prefetch"] + sync_device
+        + actor["prefetch"] + sync_device + kept_file
     procs = _procs_per_gpu(res)
     return _result(math.ceil(n * res.num_gpus), "cuda" if on_gpu else "cpu", phases, states,
-                   max(act_actor, act_critic, act_eval), 0, buffers, procs,
+                   max(act_actor + held_critic, act_critic, act_eval), 0, buffers, procs,
                    breakdown={"actor": actor, "critic": critic, "reference_copy": ref_weights, "sync_gathered": gathered,
-                              "sync_host": host_copy},
+                              "sync_host": host_copy, "sync_kept_file": kept_file},
                    offloaded_host_bytes=actor["offloaded"] + critic["offloaded"] + (ref_weights - ref_idle),
                    inputs={"world": n, "micro_rows": micro, "accumulation": -(-(-(-ppo.mini_batch_size // n)) // micro),
                            "eval_rows": rows, "seq": seq, "response": R, "gradient_checkpointing": ckpt,

@@ -1,7 +1,7 @@
 """The same-node weight handover (tlcr_ray.rl.handover) up to the device boundary, and the choice of sync.
 
 The CUDA IPC path itself needs a GPU; here: the flat layout both kinds share, the /dev/shm files (across a
-real second process), the push loop's one-bucket-at-a-time bound, the handle merge, the rebuild's device
+real second process), the reused file for engines that copy on load, the push loop's one-bucket-at-a-time bound, the handle merge, the rebuild's device
 argument against the installed torch, and which method each layout gets (ppo.weight_sync).
 """
 from __future__ import annotations
@@ -125,6 +125,56 @@ def test_push_frees_the_bucket_when_the_engine_fails():
     assert _own_files() == before
 
 
+def test_a_reused_file_carries_every_bucket_and_one_engine_mapping_sees_each_rewrite():
+    before = _own_files()
+    producer, mappings = handover.ReusedShm(), handover.ShmMappings()
+    first = handover.push_buckets(iter([_bucket(s) for s in range(3)]), "shm",
+                                  lambda h: None, reused=producer)
+    assert first == 3 and len(_own_files() - before) == 1  # one file, left for the next sync
+    path, seen = producer.path, []
+
+    def deliver(handle):  # an engine copying on load, mapping the file once
+        assert handle["reused"] and handle["path"] == path
+        seen.append({n: t.clone() for n, t in handover.open_handle(handle, "cpu", mappings).items()})
+
+    stream = [_bucket(s) for s in (10, 11, 12)]
+    handover.push_buckets(iter(stream), "shm", deliver, reused=producer)
+    mapped = mappings.flat
+    assert [set(b) for b in seen] == [set(b) for b in stream]
+    assert all(torch.equal(got[n], sent[n]) for got, sent in zip(seen, stream) for n in sent)
+    assert mappings.flat is mapped and _own_files() - before == {os.path.basename(path)}
+    producer.close()
+    assert _own_files() == before
+    producer.close()  # twice is harmless
+
+
+def test_a_reused_file_grows_under_a_new_name_and_goes_with_its_producer():
+    before = _own_files()
+    producer, mappings = handover.ReusedShm(), handover.ShmMappings()
+    small, big = {"w": torch.arange(4.0)}, {"w": torch.arange(4096.0)}
+    handover.open_handle(producer.pack(small), "cpu", mappings)
+    small_path = producer.path
+    got = handover.open_handle(producer.pack(big), "cpu", mappings)["w"]
+    assert producer.path != small_path and not os.path.exists(small_path)
+    assert torch.equal(got, big["w"]) and mappings.path == producer.path
+    assert torch.equal(handover.open_handle(producer.pack(small), "cpu", mappings)["w"], small["w"])
+    assert producer.path == mappings.path  # a smaller bucket fits the grown file
+    del producer
+    import gc
+
+    gc.collect()
+    assert _own_files() == before  # unlinked when the producer went
+
+
+def test_an_engine_that_keeps_views_refuses_a_reused_file():
+    producer = handover.ReusedShm()
+    try:
+        with pytest.raises(ValueError, match="copies_on_load"):
+            handover.open_handle(producer.pack(_bucket()))
+    finally:
+        producer.close()
+
+
 def test_ranks_other_than_zero_deliver_nothing_and_unknown_kinds_fail():
     delivered = []
     assert handover.push_buckets(iter([None, None]), "shm", delivered.append, rank=1) == 0
@@ -245,6 +295,21 @@ def test_an_hf_engine_loads_handed_over_buckets_exactly_and_refuses_an_incomplet
     handover.push_buckets(iter([{n: target[n] for n in names[0]}]), "shm", engine.load_weight_handle)
     with pytest.raises(KeyError, match="missing"):
         engine.finish_weight_load()
+    # An engine copying on load takes the same buckets through one reused file, twice over.
+    assert engine.copies_on_load
+    producer = handover.ReusedShm()
+    try:
+        for seed in (6, 7):
+            g.manual_seed(seed)
+            target = {n: torch.randn(t.shape, generator=g).to(t.dtype) for n, t in engine.model.state_dict().items()}
+            engine.begin_weight_load()
+            handover.push_buckets(({n: target[n] for n in b} for b in names), "shm", engine.load_weight_handle,
+                                  reused=producer)
+            engine.finish_weight_load()
+            state = engine.model.state_dict()
+            assert all(torch.equal(state[n], target[n]) for n in target if n != "model.embed_tokens.weight")
+    finally:
+        producer.close()
 
 
 def test_files_of_a_producer_that_died_are_swept_and_live_ones_kept(tmp_path):

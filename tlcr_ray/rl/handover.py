@@ -17,9 +17,12 @@ collective_rpc, raw tensors never do):
   on its own device index (`rebuild_cuda_ipc`: the two processes may number the GPU differently). No
   copy leaves the GPU. The producer keeps the buffer until every engine has acked.
 
-Why a fresh file per bucket, not one reused buffer (8x faster to fill: no first-touch page faults): vLLM's
-layer-wise reload keeps views of a bucket's tensors until their layer is complete, possibly a bucket later,
-and an unlinked file keeps its pages for those views while an overwritten one would not.
+Fresh file or reused one: vLLM's layer-wise reload keeps views of a bucket's tensors until their layer is
+complete, possibly a bucket later, and an unlinked file keeps its pages for those views while an overwritten
+one would not: those engines get a fresh file per bucket (`pack_shm`). An engine that copies every tensor
+out before it acks (the HF engine: `copies_on_load`) gets one file for the whole run instead (`ReusedShm`),
+which both sides map once: no first-touch page faults after the first sync. Measured on this project's 2-core
+VM, 2 x 265 MB buckets: filling fresh files 1.1 s vs 0.04 s reused, the engine's reads 0.17 vs 0.04 s.
 
 `entries` lists (name, dtype name, shape, byte offset) in bucket order; offsets are aligned so that every
 view is legal for its dtype (`flatten_bucket` / `unflatten_bucket`, the part both kinds share).
@@ -29,6 +32,7 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
+import weakref
 from typing import Callable, Iterable
 
 import torch
@@ -111,6 +115,55 @@ def open_shm(handle: dict) -> dict[str, torch.Tensor]:
     return unflatten_bucket(flat, handle["entries"])
 
 
+class ReusedShm:
+    """The producer's one bucket file for engines that copy a bucket out before they ack: every bucket is
+    packed into the same mapping (grown, under a new name, when a bucket needs more), so its pages are faulted
+    in once per run. The file outlives a sync by design; `close()` unlinks it (so does garbage collection, or
+    the interpreter's exit), and a killed producer's file is swept by the next `sweep_stale_shm`."""
+
+    def __init__(self, folder: str | None = None):
+        self.folder = folder or shm_dir()
+        self.path: str | None = None
+        self.flat: torch.Tensor | None = None
+        self._unlink_later: weakref.finalize | None = None  # unlinks the file when this goes, or at exit
+
+    def pack(self, bucket: dict[str, torch.Tensor]) -> dict:
+        """Write `bucket` into the file -> its handle; the previous bucket's contents are overwritten, so call
+        this only once every engine has acked it."""
+        _, total = bucket_layout(bucket)
+        if self.flat is None or self.flat.numel() < total:
+            self.close()
+            path = os.path.join(self.folder, f"{SHM_PREFIX}{os.getpid()}-{uuid.uuid4().hex}")
+            self._unlink_later = weakref.finalize(self, _unlink, path)
+            self.flat = torch.from_file(path, shared=True, size=max(total, 1), dtype=torch.uint8)
+            self.path = path
+        entries = flatten_bucket(bucket, self.flat)
+        return {"kind": "shm", "path": self.path, "nbytes": total, "entries": entries, "reused": True,
+                "file_bytes": self.flat.numel()}
+
+    def close(self) -> None:
+        if self._unlink_later is not None:
+            self._unlink_later()
+        self.path, self.flat, self._unlink_later = None, None, None
+
+
+class ShmMappings:
+    """An engine's mapping of a producer's `ReusedShm` file, kept from one bucket (and sync) to the next: the
+    one file it maps, shared (a file rewritten under it: POSIX leaves a private mapping's view of that
+    unspecified). Views of it are valid only until the engine acks."""
+
+    def __init__(self):
+        self.path: str | None = None
+        self.flat: torch.Tensor | None = None
+
+    def open(self, handle: dict) -> dict[str, torch.Tensor]:
+        if handle["path"] != self.path or self.flat is None or self.flat.numel() != handle["file_bytes"]:
+            self.path, self.flat = None, None  # the producer grew (renamed) its file: drop the old mapping
+            self.flat = torch.from_file(handle["path"], shared=True, size=handle["file_bytes"], dtype=torch.uint8)
+            self.path = handle["path"]
+        return unflatten_bucket(self.flat, handle["entries"])
+
+
 def sweep_stale_shm(folder: str | None = None) -> list[str]:
     """Unlink bucket files whose producer is gone (a learner killed mid-sync leaves at most one) -> their names."""
     folder = folder or shm_dir()
@@ -184,9 +237,16 @@ def open_cuda_ipc(handle: dict, device: torch.device) -> dict[str, torch.Tensor]
 
 
 # ---- both kinds ----------------------------------------------------------------------------------
-def open_handle(handle: dict, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """The receiving side: {name: tensor} of a bucket handle (views; copy what must outlive the load)."""
+def open_handle(handle: dict, device: torch.device | str = "cpu",
+                mappings: ShmMappings | None = None) -> dict[str, torch.Tensor]:
+    """The receiving side: {name: tensor} of a bucket handle (views; copy what must outlive the load). A
+    reused-file handle (`ReusedShm`) needs the engine's `mappings`: only an engine that copies on load has one."""
     kind = handle.get("kind")
+    if kind == "shm" and handle.get("reused"):
+        if mappings is None:
+            raise ValueError("weight handover: a reused bucket file reached an engine that keeps views of its "
+                             "buckets (copies_on_load False); it needs a fresh file per bucket")
+        return mappings.open(handle)
     if kind == "shm":
         return open_shm(handle)
     if kind == "cuda_ipc":
@@ -195,15 +255,16 @@ def open_handle(handle: dict, device: torch.device | str = "cpu") -> dict[str, t
 
 
 def release(handle: dict | None) -> None:
-    """The producing side, after every engine acked: a "shm" file is unlinked (a "cuda_ipc" buffer is
-    freed by dropping the tensor `pack_cuda_ipc` returned)."""
-    if handle is not None and handle.get("kind") == "shm":
+    """The producing side, after every engine acked: a fresh "shm" file is unlinked (a reused one stays for
+    the next bucket; a "cuda_ipc" buffer is freed by dropping the tensor `pack_cuda_ipc` returned)."""
+    if handle is not None and handle.get("kind") == "shm" and not handle.get("reused"):
         _unlink(handle["path"])
 
 
 def push_buckets(buckets: Iterable[dict[str, torch.Tensor] | None], kind: str, deliver: Callable[[dict], object],
                  *, rank: int = 0, device: torch.device | None = None,
-                 gather: Callable[[dict | None], list] | None = None, barrier: Callable[[], None] | None = None) -> int:
+                 gather: Callable[[dict | None], list] | None = None, barrier: Callable[[], None] | None = None,
+                 reused: ReusedShm | None = None) -> int:
     """Hand every bucket over, waiting for the engines' ack before the next one -> buckets delivered.
 
     `buckets`: `tlcr_ray.training.gather.state_buckets`, drained on every rank (a collective under ZeRO-3);
@@ -211,6 +272,7 @@ def push_buckets(buckets: Iterable[dict[str, torch.Tensor] | None], kind: str, d
     holds the gathered bucket on its GPU; with several ranks `gather(handle)` returns every rank's handle
     (rank order) so rank 0 delivers their merge, and `barrier()` keeps the other ranks' buffers alive until
     rank 0's engines are done. `deliver(handle)` runs on rank 0 and returns once every engine has loaded it.
+    `reused` ("shm", engines that copy on load): every bucket goes into that one file, which stays.
     """
     if kind not in ("shm", "cuda_ipc"):
         raise ValueError(f"weight handover: unknown kind {kind!r}")
@@ -221,7 +283,10 @@ def push_buckets(buckets: Iterable[dict[str, torch.Tensor] | None], kind: str, d
         handle, keep = None, None
         try:
             if bucket is not None:
-                handle, keep = pack_cuda_ipc(bucket, device) if kind == "cuda_ipc" else (pack_shm(bucket), None)
+                if kind == "cuda_ipc":
+                    handle, keep = pack_cuda_ipc(bucket, device)
+                else:
+                    handle = reused.pack(bucket) if reused is not None else pack_shm(bucket)
             outgoing = merge_ipc_handles(gather(handle)) if gather is not None else handle
             if rank == 0 and outgoing is not None:
                 deliver(outgoing)

@@ -77,12 +77,19 @@ class PolicyWeights:
                 pass
         return time.perf_counter() - start
 
-    def push_weights(self, kind: str, deliver) -> float:
+    def push_weights(self, kind: str, deliver, reuse_file: bool = False) -> float:
         """ppo.weight_sync shm | cuda_ipc: the policy handed over bucket by bucket, by reference
         (`tlcr_ray.rl.handover.push_buckets`); `deliver(handle)` (called on rank 0) returns once every
         engine has loaded the bucket, which is then freed. Every rank calls it (collective under ZeRO-3).
-        cuda_ipc: each rank shares its own gathered copy, so an engine reads the one on its GPU."""
-        from tlcr_ray.rl.handover import push_buckets
+        cuda_ipc: each rank shares its own gathered copy, so an engine reads the one on its GPU.
+        shm with `reuse_file` (every engine copies on load): rank 0 keeps one bucket file for the run."""
+        from tlcr_ray.rl.handover import ReusedShm, push_buckets
+
+        reused = None
+        if kind == "shm" and reuse_file and self.rank == 0:
+            if getattr(self, "_shm_file", None) is None:
+                self._shm_file = ReusedShm()
+            reused = self._shm_file
 
         start = time.perf_counter()
         ipc = kind == "cuda_ipc"
@@ -91,8 +98,14 @@ class PolicyWeights:
         stream = self.state_buckets(device=self.device, every_rank=ipc, compact_views=False)
         push_buckets(stream, kind, deliver, rank=self.rank, device=self.device,
                      gather=self._all_gather_object if several else None,
-                     barrier=torch.distributed.barrier if several else None)
+                     barrier=torch.distributed.barrier if several else None, reused=reused)
         return time.perf_counter() - start
+
+    def release_shm_file(self) -> None:
+        """Unlink the reused bucket file (`push_weights`), e.g. before this rank's actor is killed."""
+        if getattr(self, "_shm_file", None) is not None:
+            self._shm_file.close()
+            self._shm_file = None
 
     @staticmethod
     def _all_gather_object(obj) -> list:

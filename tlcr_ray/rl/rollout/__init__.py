@@ -19,6 +19,11 @@ from tlcr_ray.rl.batch import RolloutBatch
 
 
 class RolloutEngine(Protocol):
+    copies_on_load: bool
+    """True when `load_weight_handle` copies every tensor out before it returns: the learner may then pack
+    every bucket into one reused /dev/shm file (`tlcr_ray.rl.handover.ReusedShm`); False when the engine
+    keeps views of a bucket past its ack (vLLM's layer-wise reload), which needs a fresh file per bucket."""
+
     def generate(self, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float,
                  top_p: float, seed: int, stop: list[str] | None = None) -> RolloutBatch:
         """One response per prompt. `stop` (ppo.stop): a response holding a stop string ends before it,

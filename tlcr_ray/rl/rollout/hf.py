@@ -29,6 +29,8 @@ def _stop_criteria(tokenizer, stops: list[str], prompt_len: int):
 class HFRollout:
     """RolloutEngine on HF `generate` (CPU, or one GPU without vLLM)."""
 
+    copies_on_load = True  # `load_state_dict` copies each tensor into the parameters
+
     def __init__(self, model_dir: str, dtype: str = "float32", device: str = "cpu"):
         self.model_dir = model_dir
         self._tokenizer = None
@@ -123,10 +125,12 @@ class HFRollout:
 
     def load_weight_handle(self, handle: dict) -> None:
         """One bucket's handle: its tensors are views of the shared file / the learner's GPU buffer,
-        copied into the weights here and released on return."""
-        from tlcr_ray.rl.handover import open_handle
+        copied into the weights here and released on return. A reused file stays mapped for the next one."""
+        from tlcr_ray.rl.handover import ShmMappings, open_handle
 
-        self._load_bucket(open_handle(handle, self.device))
+        if getattr(self, "_shm_mappings", None) is None:
+            self._shm_mappings = ShmMappings()
+        self._load_bucket(open_handle(handle, self.device, self._shm_mappings))
 
     def finish_weight_load(self) -> None:
         # Tied embeddings: lm_head.weight may be absent from the sender's buckets and that is fine.

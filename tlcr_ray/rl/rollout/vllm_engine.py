@@ -60,6 +60,8 @@ def _set_cpu_defaults() -> None:
 class VLLMRollout:
     """A `RolloutEngine` over one `vllm.LLM` (see the module docstring for the log-prob convention)."""
 
+    copies_on_load = False  # the layer-wise reload keeps a bucket's views until its layer is complete
+
     def __init__(self, model_dir: str, *, dtype: str = "float32", gpu_memory_utilization: float = 0.5,
                  tensor_parallel_size: int = 1, seed: int = 0, enforce_eager: bool | None = None,
                  max_model_len: int | None = None, kv_cache_gib: float | None = None,
