@@ -199,8 +199,8 @@ class PPOLoop:
     def sync_weights(self, batch: RolloutBatch, check: bool) -> dict:
         """Updated learner weights -> every rollout engine, by `groups.sync_method` (ppo.weight_sync):
 
-        shm / cuda_ipc: rank 0 hands each gathered bucket to every engine by reference (a /dev/shm file; a
-        CUDA IPC handle per learner GPU) and frees it once all have loaded it (`tlcr_ray.rl.handover`).
+        shm / cuda_ipc: rank 0 hands each gathered bucket to every engine by reference (a /dev/shm file, one
+        reused file into HF engines; a CUDA IPC handle per GPU), each once all loaded the last (`rl.handover`).
         object_store: rank 0 puts the weights in the store one bucket (ppo.bucket_mib) at a time as
         ZeRO-3 gathers them; each engine loads them bucket by bucket.
         nccl: rank 0 broadcasts from GPU, bucket by bucket, while each vLLM engine receives (issued together).
