@@ -2,17 +2,22 @@
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import platform
 import sys
 from pathlib import Path
 
 BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+SWITCHES = ("TLCR_MALLOC",)
 HEADER = "| date | bench | figure | value | goal | details | command |\n|---|---|---|---|---|---|---|\n"
 
 
 def record(bench: str, figure: str, value: str, goal: str = "", details: str = "") -> None:
     """Print one measured figure and append it as a row of BENCHMARKS.md (never rewrites old rows)."""
-    command = "python " + " ".join(sys.argv)
+    # Environment switches that change what runs: the command names those it ran under (never other
+    # TLCR_* variables: TLCR_API_KEY is a secret).
+    env = " ".join(f"{k}={os.environ[k]}" for k in SWITCHES if k in os.environ)
+    command = (env + " " if env else "") + "python " + " ".join(sys.argv)
     print(f"[{bench}] {figure}: {value}  (goal {goal or '-'})  {details}")
     if not BENCHMARKS_MD.exists():
         BENCHMARKS_MD.write_text("# Benchmarks\n\nAppended by `bench/*.py`; each row is one run on "
@@ -24,6 +29,4 @@ def record(bench: str, figure: str, value: str, goal: str = "", details: str = "
 
 
 def _cpu_count() -> int:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
