@@ -21,12 +21,12 @@ from tqdm import tqdm
 
 from actors.groups import ActorGroups, get_all
 from actors.phases import PhaseHooks
+from ray_init import ensure_ray
 from tlcr_ray.config import Config, ConfigError
 from tlcr_ray.data.pairs import load_split, rl_prompt_pools
 from tlcr_ray.data.tokens import encode_prompts
 from tlcr_ray.io import read_json, write_json_atomic
 from tlcr_ray.layout import RunLayout
-from tlcr_ray.local_ray import ensure_ray
 from tlcr_ray.models import load_tokenizer, resolve_model, vocabulary_mismatch
 from tlcr_ray.placement import ppo_placement
 from tlcr_ray.oom import OutOfMemory, find_oom, oom_message

@@ -10,8 +10,8 @@ it. No model is loaded and no actor is started.
 """
 from __future__ import annotations
 
+from ray_init import ensure_ray
 from tlcr_ray.config import ConfigError
-from tlcr_ray.local_ray import ensure_ray
 from tlcr_ray.placement import ActorSlot, PlacementGroupSpec, PlacementLayout, ppo_placement, strategy_for
 from tlcr_ray.plan import GIB, format_table, plan
 from tlcr_ray.plan_models import gpu_bytes, host_memory, local_cuda_memory

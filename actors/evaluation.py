@@ -15,9 +15,9 @@ from typing import Iterable, Iterator
 
 import ray
 
+from ray_init import ensure_ray
 from tlcr_ray.config import Config
 from tlcr_ray.eval.runner import Call, EvalPlace, LocalRunner, eval_dispatch, with_absolute_paths
-from tlcr_ray.local_ray import ensure_ray
 
 
 def _worker_place(backend: str) -> EvalPlace:

@@ -26,10 +26,10 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 from tqdm import tqdm
 
+from ray_init import ensure_ray
 from tlcr_ray.config import TrainConfig
 from tlcr_ray.io import iter_jsonl, read_json, write_json_atomic
 from tlcr_ray.layout import RunLayout
-from tlcr_ray.local_ray import ensure_ray
 from tlcr_ray.models import load_tokenizer, resolve_model
 from tlcr_ray.oom import TEST_OOM_ENV, OutOfMemory, find_oom, oom_message
 from tlcr_ray.plan import require_fit

@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import record  # noqa: E402
+from ray_init import ensure_ray  # noqa: E402
 from tlcr_ray.config import load_config  # noqa: E402
-from tlcr_ray.local_ray import ensure_ray  # noqa: E402
 from tlcr_ray.models import (  # noqa: E402
     TokenDiscriminator,
     embedded_model_dir,

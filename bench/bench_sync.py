@@ -110,7 +110,7 @@ def main() -> None:
     from actors.learner import LearnerGroup
     from actors.rollout import Rollout
     from tlcr_ray.config import PPOConfig
-    from tlcr_ray.local_ray import ensure_ray
+    from ray_init import ensure_ray
     from tlcr_ray.models import resolve_model
 
     model = resolve_model(args.model)

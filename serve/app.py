@@ -16,19 +16,22 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 from dataclasses import replace
 
+import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from ray_init import ensure_ray
 from serve.limits import Limits
 from serve.metrics import ScorerMetrics
 from serve.schemas import ModelInfo
 from tlcr_ray.choices import SEQUENCE_SCORES
 from tlcr_ray.config import Config, ConfigError, RewardConfig, ServeConfig, load_config
 from tlcr_ray.data.tokens import Encoded
-from tlcr_ray.local_ray import ensure_ray, pin_serve_grpc_to_loopback
+from tlcr_ray.local_ray import LOOPBACK
 from tlcr_ray.rl.rewards import TOKEN_MODES
 from tlcr_ray.rl.text_scoring import (
     ItemScore,
@@ -39,6 +42,26 @@ from tlcr_ray.rl.text_scoring import (
 )
 
 APP_NAME = "tlcr"
+
+
+def pin_serve_grpc_to_loopback() -> None:
+    """Call first thing in a Serve deployment's `__init__` (Serve starts the replica's gRPC server after it).
+
+    Ray Serve 2.60 binds each replica's inter-deployment gRPC server to "[::]:0" whatever the node IP
+    (ray/serve/_private/replica.py). On a loopback-only Ray, bind it to 127.0.0.1; elsewhere leave it.
+    """
+    replica = sys.modules.get("ray.serve._private.replica")  # present only inside a replica process
+    if replica is None or getattr(replica.add_port_to_grpc_server, "tlcr_loopback", False):
+        return
+    if not ray.is_initialized() or ray.util.get_node_ip_address() != LOOPBACK:
+        return
+    original = replica.add_port_to_grpc_server
+
+    def add_port(server, address: str) -> int:
+        return original(server, f"{LOOPBACK}:0" if address == "[::]:0" else address)
+
+    add_port.tlcr_loopback = True  # type: ignore[attr-defined]
+    replica.add_port_to_grpc_server = add_port
 
 
 @serve.deployment

@@ -138,7 +138,7 @@ def learner_rdzv(tmp_path_factory):
 def ray_local():
     """One local Ray for the session, started as every entry point starts it (127.0.0.1, no dashboard)."""
     ray = pytest.importorskip("ray")
-    from tlcr_ray.local_ray import ensure_ray
+    from ray_init import ensure_ray
 
     ensure_ray(num_cpus=4, env_vars={"RAY_AUTH_MODE": os.environ["RAY_AUTH_MODE"]})
     yield ray

@@ -1,15 +1,15 @@
 """Process set-up shared by every entry point (`tlcr ...`, `ray job submit`, the Serve app, tests):
-the one `ray.init`, a local Ray that stays on loopback, and a clean stop on SIGINT/SIGTERM.
+what a local Ray starts with (loopback, worker environment, an owner-only token file) and a clean stop
+on SIGINT/SIGTERM; the one `ray.init` that uses them is the Ray layer's `ray_init.ensure_ray`.
 
     with stop_on_signals():     # main thread: SIGINT/SIGTERM raise Interrupted (a KeyboardInterrupt) here
-        started = ensure_ray()  # RAY_ADDRESS set: join that cluster; else a fresh local Ray on 127.0.0.1
+        started = ensure_ray()  # (ray_init) RAY_ADDRESS set: join that cluster; else a local Ray on 127.0.0.1
 
-Ray is imported inside the functions, so the library stays importable without Ray; only the Ray
-layers (`actors/`, `serve/`) and the CLI call these. README "Security notes" says what listens where.
+Nothing here imports Ray: `shutdown_local_ray` stops one only if the process has loaded it. README
+"Security notes" says what listens where.
 """
 from __future__ import annotations
 
-import atexit
 import os
 import secrets
 import signal
@@ -22,10 +22,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tlcr_ray import process_tree
-from tlcr_ray.layout import REPO_ROOT
 
 LOOPBACK = "127.0.0.1"
-_started = False  # a Ray that ensure_ray() started is up: only then are its processes ours to stop
+_started = False  # a Ray that ray_init.ensure_ray() started is up: only then are its processes ours to stop
 _lock = threading.Lock()  # one orderly shutdown at a time (main thread, atexit)
 _handler: Callable | None = None  # stop_on_signals()'s handler while active: ray.init() replaces it
 
@@ -69,81 +68,19 @@ def worker_malloc_env() -> dict[str, str]:
     return dict(RETAIN_HEAP_ENV)
 
 
-def ensure_ray(num_cpus: int | None = None, env_vars: dict[str, str] | None = None,
-               num_gpus: int | None = None) -> bool:
-    """Join the cluster named by RAY_ADDRESS (returns False), else start a fresh local Ray whose every
-    server listens on 127.0.0.1 (returns True: this process owns it and stops it on exit).
-
-    `address="local"`: a bare `ray.init()` would join whatever /tmp/ray/ray_current_cluster names,
-    someone else's `ray start`. `num_cpus`, `num_gpus` (None: what Ray detects; a number on a CPU machine
-    makes fake GPU resources, as the tests of GPU placement use) and `env_vars` (added to every worker's
-    environment) shape a local Ray only: a cluster or Ray job brings its own (deploy/runtime_env.yaml).
-    """
+def claim_local_ray() -> None:
+    """`ray_init.ensure_ray`, just before it starts a local Ray: its processes are now ours to stop
+    (`shutdown_local_ray`), even if a signal comes during the start-up."""
     global _started
-    import ray
-    from ray._private import ray_constants
-
-    if ray.is_initialized():
-        return False
-    set_process_defaults()
-    if (address := os.environ.get("RAY_ADDRESS")) and address != "local":
-        ray.init(address=address, log_to_driver=False)
-        return False
-    malloc_env = worker_malloc_env()  # a bad TLCR_MALLOC fails here, before anything is started
-    _private_token_file()
-    if _handler is not None and sys.platform.startswith("linux"):
-        # A CLI run (inside stop_on_signals): orphans of a dying raylet re-parent to us, not to init,
-        # so the shutdown still finds them. Not for library callers such as a test session.
-        import ctypes
-
-        ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-    # `_node_ip_address="127.0.0.1"` alone is not enough in Ray 2.60: ray.init passes it through
-    # services.resolve_ip_for_localhost(), which swaps loopback for the machine's address while
-    # ray_constants.ENABLE_RAY_CLUSTER is on (the Linux default), and every Ray server binds loopback
-    # or all interfaces by that node IP. So the switch is off for this one call, and the outcome is
-    # checked below rather than trusted (the flag is private).
-    saved, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
-    _started = True  # before init: a signal during start-up must still clean up what it spawned
-    try:
-        # Workers import actors/ and serve/ from this checkout even when the package is not installed.
-        ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=False, num_cpus=num_cpus,
-                 num_gpus=num_gpus, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), **malloc_env, **(env_vars or {})}})
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved
-        if _handler is not None:  # ray.init() set SIGTERM to sys.exit and Ray's core worker put its crash
-            for s in (signal.SIGINT, signal.SIGTERM):  # handler on top: without ours a SIGTERM aborts the
-                signal.signal(s, _handler)  # driver before it stops the agents, which then linger
-    if (node_ip := ray.util.get_node_ip_address()) != LOOPBACK:  # a Ray upgrade changed the rules
-        shutdown_local_ray(reason="refused")
-        raise RuntimeError(f"local Ray came up on {node_ip}, not {LOOPBACK}; refusing to run it on the network")
-    atexit.register(shutdown_local_ray, reason="exit")  # a normal exit must not leave agents behind either
-    return True
+    _started = True
 
 
-def pin_serve_grpc_to_loopback() -> None:
-    """Call first thing in a Serve deployment's `__init__` (Serve starts the replica's gRPC server after it).
-
-    Ray Serve 2.60 binds each replica's inter-deployment gRPC server to "[::]:0" whatever the node IP
-    (ray/serve/_private/replica.py). On a loopback-only Ray, bind it to 127.0.0.1; elsewhere leave it.
-    """
-    replica = sys.modules.get("ray.serve._private.replica")  # present only inside a replica process
-    if replica is None or getattr(replica.add_port_to_grpc_server, "tlcr_loopback", False):
-        return
-    import ray
-
-    if not ray.is_initialized() or ray.util.get_node_ip_address() != LOOPBACK:
-        return
-    original = replica.add_port_to_grpc_server
-
-    def add_port(server, address: str) -> int:
-        return original(server, f"{LOOPBACK}:0" if address == "[::]:0" else address)
-
-    add_port.tlcr_loopback = True  # type: ignore[attr-defined]
-    replica.add_port_to_grpc_server = add_port
+def signal_handler() -> Callable | None:
+    """`stop_on_signals()`'s handler while one is active (a CLI run), else None."""
+    return _handler
 
 
-def _private_token_file() -> None:
+def private_token_file() -> None:
     """Make the token file a local Ray reads owner-only: Ray writes it with open(path, "w"), 0644 under umask 022."""
     mode = os.environ.get("RAY_AUTH_MODE")  # unset: Ray 2.60 turns token auth on for a new local cluster
     if (mode is not None and mode.lower() != "token") or os.environ.get("RAY_AUTH_TOKEN"):

@@ -60,7 +60,7 @@ def run_scenario(spec: dict) -> dict:
     from tlcr_ray.cli import main
     from tlcr_ray.config import load_config
     from tlcr_ray.eval.runner import LocalRunner
-    from tlcr_ray.local_ray import ensure_ray
+    from ray_init import ensure_ray
 
     ensure_ray(num_cpus=2, num_gpus=1, env_vars={"RAY_AUTH_MODE": "disabled"})
     cfg = load_config(REPO / "configs" / "tiny.yaml", _overrides(spec))

@@ -78,3 +78,9 @@ def test_the_ray_layers_do_not_import_each_other():
         for name, path in _modules(package).items():
             bad = [m for m in _top_level_imports(path) if m == other or m.startswith(other + ".")]
             assert not bad, f"{name} imports {bad}"
+
+
+def test_the_ray_init_layer_imports_neither_ray_layer():
+    for name, path in _modules("ray_init").items():
+        bad = [m for m in _top_level_imports(path) if m.split(".")[0] in ("actors", "serve")]
+        assert not bad, f"{name} imports {bad}"

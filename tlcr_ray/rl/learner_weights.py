@@ -17,6 +17,8 @@ import torch
 class PolicyWeights:
     """Weight streams and exports of the trained policy (mixed into `PPOLearner`)."""
 
+    _shm_file = None  # rank 0's reused bucket file (`push_weights`, HF engines), made on the first such sync
+
     def state_buckets(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                       skip: tuple[str, ...] | set[str] = (), every_rank: bool = False, compact_views: bool = True):
         """The policy's HF-named weights, one bucket of <= ppo.bucket_mib at a time: {name: tensor} on
@@ -87,7 +89,7 @@ class PolicyWeights:
 
         reused = None
         if kind == "shm" and reuse_file and self.rank == 0:
-            if getattr(self, "_shm_file", None) is None:
+            if self._shm_file is None:
                 self._shm_file = ReusedShm()
             reused = self._shm_file
 
@@ -103,7 +105,7 @@ class PolicyWeights:
 
     def release_shm_file(self) -> None:
         """Unlink the reused bucket file (`push_weights`), e.g. before this rank's actor is killed."""
-        if getattr(self, "_shm_file", None) is not None:
+        if self._shm_file is not None:
             self._shm_file.close()
             self._shm_file = None
 

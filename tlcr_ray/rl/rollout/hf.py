@@ -7,6 +7,7 @@ import torch
 
 from tlcr_ray.models import load_policy, load_tokenizer
 from tlcr_ray.rl.batch import RolloutBatch, pack, response_logits_of, token_logprobs
+from tlcr_ray.rl.handover import ShmMappings, open_handle
 from tlcr_ray.rl.rollout.stops import contains_stop, cut_at_stop, window_tokens
 
 
@@ -41,6 +42,7 @@ class HFRollout:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         pad = gen.pad_token_id if gen.pad_token_id is not None else self.model.config.pad_token_id
         self.pad_id = pad if pad is not None else min(self.eos_ids, default=0)
+        self._shm_mappings = ShmMappings()  # a reused bucket file stays mapped from one sync to the next
 
     @property
     def tokenizer(self):
@@ -126,10 +128,6 @@ class HFRollout:
     def load_weight_handle(self, handle: dict) -> None:
         """One bucket's handle: its tensors are views of the shared file / the learner's GPU buffer,
         copied into the weights here and released on return. A reused file stays mapped for the next one."""
-        from tlcr_ray.rl.handover import ShmMappings, open_handle
-
-        if getattr(self, "_shm_mappings", None) is None:
-            self._shm_mappings = ShmMappings()
         self._load_bucket(open_handle(handle, self.device, self._shm_mappings))
 
     def finish_weight_load(self) -> None:
